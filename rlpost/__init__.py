@@ -1,0 +1,3 @@
+"""rlpost: RL post-training for language models on Ray."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,225 @@
+"""Typed configuration. Hydra composes YAML; ``rlpost.config.load`` converts the
+result into these dataclasses once and validates it. Past that point code reads
+attributes, never ``cfg.get(key, default)``.
+
+Each section's ``check()`` raises ``ConfigError`` naming the key and what to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rlpost.errors import ConfigError
+
+
+def _require(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclass
+class ModelConfig:
+    # "builtin:tiny-math" builds the tiny Qwen2 model locally; otherwise a local HF
+    # folder or a hub id.
+    path: str = "builtin:tiny-math"
+    dtype: str = "float32"  # float32 | bfloat16: parameter dtype of trainer and rollout
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+
+    def check(self) -> None:
+        _require(bool(self.path), "model.path", "must name a model (a local folder, a hub id, or builtin:tiny-math)")
+        _require(self.dtype in ("float32", "bfloat16"), "model.dtype", f"must be float32 or bfloat16, got {self.dtype!r}")
+
+
+@dataclass
+class DataConfig:
+    # "builtin" generates math word problems of graded difficulty; "files" reads
+    # train_files / val_files (parquet or jsonl).
+    source: str = "builtin"
+    train_files: list[str] = field(default_factory=list)
+    val_files: list[str] = field(default_factory=list)
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    train_batch_size: int = 16  # prompts per step; each is sampled rollout.n times
+    max_prompt_tokens: int = 256  # longer prompts are dropped and counted
+    system_prompt: str | None = None
+    shuffle: bool = True
+    builtin_train_size: int = 4000
+    builtin_val_size: int = 200
+    builtin_max_level: int = 3  # highest difficulty level of generated problems
+
+    def check(self) -> None:
+        _require(self.source in ("builtin", "files"), "data.source", f"must be builtin or files, got {self.source!r}")
+        if self.source == "files":
+            _require(bool(self.train_files), "data.train_files", "data.source=files needs at least one file")
+        _require(self.train_batch_size >= 1, "data.train_batch_size", f"must be >= 1, got {self.train_batch_size}")
+        _require(self.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1")
+        _require(self.builtin_train_size >= 1 and self.builtin_val_size >= 1, "data.builtin_*_size", "must be >= 1")
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"  # hf | fake
+    replicas: int = 1
+    n: int = 4  # samples per prompt (the GRPO group size)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 64
+    stop: list[str] = field(default_factory=list)
+    batch_size: int = 64  # sequences one engine call generates at once
+
+    def check(self) -> None:
+        _require(self.engine in ("hf", "fake"), "rollout.engine", f"must be one of hf, fake; got {self.engine!r}")
+        _require(self.replicas >= 1, "rollout.replicas", f"must be >= 1, got {self.replicas}")
+        _require(self.n >= 1, "rollout.n", f"must be >= 1 (samples per prompt), got {self.n}")
+        _require(self.temperature >= 0, "rollout.temperature", "must be >= 0 (0 = greedy)")
+        _require(0 < self.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {self.top_p}")
+        _require(self.top_k == -1 or self.top_k >= 1, "rollout.top_k", "must be -1 (off) or >= 1")
+        _require(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+        _require(self.batch_size >= 1, "rollout.batch_size", "must be >= 1")
+
+
+@dataclass
+class TrainerConfig:
+    backend: str = "fsdp2"
+    world_size: int = 1
+    total_steps: int = 30
+    save_every: int = 10  # 0 disables periodic checkpoints (the final one is always written)
+    keep_last: int = 2  # checkpoints kept on disk
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine
+    grad_clip: float = 1.0
+    mini_batches: int = 1  # optimizer steps per training step (PPO mini-batches)
+    epochs: int = 1  # passes over the step's data
+    micro_batch_size: int = 16  # rows per forward/backward on one rank
+
+    def check(self) -> None:
+        _require(self.backend == "fsdp2", "trainer.backend", f"must be fsdp2, got {self.backend!r}")
+        _require(self.world_size >= 1, "trainer.world_size", f"must be >= 1, got {self.world_size}")
+        _require(self.total_steps >= 1, "trainer.total_steps", f"must be >= 1, got {self.total_steps}")
+        _require(self.save_every >= 0, "trainer.save_every", "must be >= 0 (0 = only at the end)")
+        _require(self.keep_last >= 1, "trainer.keep_last", "must be >= 1")
+        _require(self.lr > 0, "trainer.lr", f"must be > 0, got {self.lr}")
+        _require(self.weight_decay >= 0, "trainer.weight_decay", "must be >= 0")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "trainer.betas", "must be two numbers in [0, 1)")
+        _require(self.warmup_steps >= 0, "trainer.warmup_steps", "must be >= 0")
+        _require(self.lr_schedule in ("constant", "cosine"), "trainer.lr_schedule", "must be constant or cosine")
+        _require(self.grad_clip > 0, "trainer.grad_clip", "must be > 0")
+        _require(self.mini_batches >= 1 and self.epochs >= 1, "trainer.mini_batches/epochs", "must be >= 1")
+        _require(self.micro_batch_size >= 1, "trainer.micro_batch_size", "must be >= 1")
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "grpo"
+    adv_estimator: str = "grpo"
+    norm_adv_by_std: bool = True  # False gives Dr.GRPO-style mean-only centring
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    loss_agg: str = "token-mean"
+    kl_coef: float = 0.0  # > 0 adds a KL-to-reference loss term and loads the reference
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+
+    def check(self) -> None:
+        from rlpost.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS
+
+        _require(self.adv_estimator in ADVANTAGE_ESTIMATORS, "algorithm.adv_estimator",
+                 f"must be one of {sorted(ADVANTAGE_ESTIMATORS)}, got {self.adv_estimator!r}")
+        _require(self.kl_estimator in KL_ESTIMATORS, "algorithm.kl_estimator",
+                 f"must be one of {sorted(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
+        _require(self.loss_agg in LOSS_AGGREGATIONS, "algorithm.loss_agg",
+                 f"must be one of {sorted(LOSS_AGGREGATIONS)}, got {self.loss_agg!r}")
+        _require(self.clip_eps_low >= 0 and self.clip_eps_high >= 0, "algorithm.clip_eps_low/high", "must be >= 0")
+        _require(self.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0")
+
+
+@dataclass
+class RewardConfig:
+    # "module:function" or "path/to/file.py:function"; signature in rlpost.rewards.
+    fn: str = "rlpost.rewards.math:math_reward"
+    kwargs: dict = field(default_factory=dict)  # passed to fn as keyword arguments
+    workers: int = 2  # reward actors scoring in parallel
+    timeout_s: float = 10.0  # per sample; a timeout scores nothing and is counted
+
+    def check(self) -> None:
+        _require(":" in self.fn, "reward.fn", f"must look like 'module:function', got {self.fn!r}")
+        _require(self.workers >= 1, "reward.workers", "must be >= 1")
+        _require(self.timeout_s > 0, "reward.timeout_s", "must be > 0")
+
+
+@dataclass
+class EvalConfig:
+    every: int = 5  # steps between held-out evals; 0 disables (step 0 and the end still run unless 0)
+    size: int = 200  # held-out prompts used (at most the val set size)
+    n: int = 1  # samples per prompt; > 1 also reports mean@n at eval.temperature
+    temperature: float = 1.0  # for the n > 1 samples; pass@1 is always greedy
+    max_new_tokens: int = 64
+
+    def check(self) -> None:
+        _require(self.every >= 0, "eval.every", "must be >= 0")
+        _require(self.size >= 1, "eval.size", "must be >= 1")
+        _require(self.n >= 1, "eval.n", "must be >= 1")
+
+
+@dataclass
+class WandbConfig:
+    project: str = "rlpost"
+    name: str | None = None
+    mode: str = "auto"  # auto (offline without an API key) | online | offline | disabled
+
+    def check(self) -> None:
+        _require(self.mode in ("auto", "online", "offline", "disabled"), "wandb.mode", "must be auto, online, offline or disabled")
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None starts a local cluster; "auto" or host:port joins one
+    num_cpus: int | None = None  # logical CPUs of a local cluster (may exceed cores)
+
+
+@dataclass
+class WeightSyncConfig:
+    bucket_mb: int = 64  # peak extra memory of a sync is one bucket
+    timeout_s: float = 300.0
+
+    def check(self) -> None:
+        _require(self.bucket_mb >= 1, "weight_sync.bucket_mb", "must be >= 1")
+
+
+LOGGERS = ("console", "jsonl", "wandb")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    resume: str = "auto"  # auto | never | path to a checkpoint directory
+    seed: int = 0
+    logger: list[str] = field(default_factory=lambda: ["console", "jsonl"])
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+
+    def check(self) -> None:
+        for section in (self.model, self.data, self.rollout, self.trainer, self.algorithm,
+                        self.reward, self.eval, self.wandb, self.weight_sync):
+            section.check()
+        unknown = [name for name in self.logger if name not in LOGGERS]
+        _require(not unknown, "logger", f"unknown logger(s) {unknown}; valid: {list(LOGGERS)}")
+        _require(bool(self.output_dir), "output_dir", "must be a directory path")
+        rows = self.data.train_batch_size * self.rollout.n
+        per_rank, rem = divmod(rows, self.trainer.world_size * self.trainer.mini_batches)
+        _require(rem == 0 and per_rank >= 1, "data.train_batch_size",
+                 f"train_batch_size * rollout.n = {rows} samples must split evenly over "
+                 f"trainer.world_size * trainer.mini_batches = {self.trainer.world_size * self.trainer.mini_batches}")

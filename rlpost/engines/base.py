@@ -1,0 +1,62 @@
+"""Engine interfaces. Engines are algorithm-blind: a training engine runs forward
+passes and optimizer steps with whatever loss function it is handed; a rollout
+engine samples tokens and swaps weights. Neither knows GRPO from PPO."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Protocol
+
+import torch
+
+from rlpost.types import Completion, ModelOutput, SamplingParams, TrainBatch
+
+# loss_fn(output, micro_batch) -> (loss, metrics).
+# The loss must already be normalised by ``micro_batch.global_num_tokens`` (or by
+# whatever global denominator the algorithm uses), so that gradients *sum* across
+# micro-batches and data-parallel ranks. Metrics follow the same rule: each value is
+# an additive contribution, and the engine and group sum them; a token-mean metric
+# therefore divides by the global token count, not the micro-batch's.
+LossFn = Callable[[ModelOutput, TrainBatch], tuple[torch.Tensor, dict[str, float]]]
+
+
+class TrainEngine(Protocol):
+    """One data-parallel rank of a policy (or reference) model.
+
+    All methods are collective: every rank of the group calls them together.
+    """
+
+    def forward_logprobs(self, batch: TrainBatch, *, with_entropy: bool = False) -> ModelOutput:
+        """Log-probs of ``batch.input_ids`` under the current weights, no gradient."""
+
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn, micro_batch_size: int) -> dict[str, float]:
+        """One optimizer step on this rank's shard, accumulated over micro-batches.
+
+        Returns the loss_fn metrics summed over micro-batches (not yet over ranks),
+        plus ``grad_norm`` (global, identical on every rank) and ``lr``.
+        """
+
+    def named_full_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full (unsharded) tensors in HF naming, one at a time. Collective; only
+        rank 0's values are meaningful."""
+
+    def save(self, path: str) -> None: ...
+
+    def load(self, path: str) -> None: ...
+
+    def export_hf(self, path: str) -> None:
+        """Write an HF folder (config, weights, tokenizer) that transformers loads."""
+
+
+class RolloutEngine(Protocol):
+    """Samples completions. Holds exactly one policy version at a time."""
+
+    policy_version: int
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams
+    ) -> list[list[Completion]]:
+        """``params.n`` completions for every prompt, in prompt order."""
+
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Replace the weights in place; afterwards every completion has ``version``."""

@@ -1,0 +1,128 @@
+"""Typed data that crosses component boundaries.
+
+Token alignment used everywhere: a sequence is ``prompt_ids + completion_ids``;
+per-token tensors have shape ``[B, T]`` aligned with ``input_ids`` so that
+``logprobs[b, t] = log p(input_ids[b, t] | input_ids[b, :t])``. Position 0 and pad
+positions hold 0 and are never in ``loss_mask``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 disables top-k
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] = ()
+    seed: int | None = None  # per-request seed; None draws from the engine's generator
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class PromptSample:
+    """One dataset row, templated and tokenised once on the driver."""
+
+    uid: str  # stable id (dataset index), used to group samples and to resume
+    prompt_ids: tuple[int, ...]  # chat-templated prompt, generation prompt included
+    question: str  # the raw user question, what reward functions see as `prompt`
+    answer: str  # ground truth
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled continuation of one prompt."""
+
+    token_ids: tuple[int, ...]  # [L] sampled tokens; EOS included when it was sampled
+    logprobs: tuple[float, ...]  # [L] sampler log-probs of token_ids (after temperature/top-p/top-k)
+    text: str  # decoded token_ids, special tokens skipped
+    finish_reason: str  # "stop" (EOS or stop string) | "length" (hit max_new_tokens)
+    policy_version: int  # version of the weights that sampled every token
+
+
+@dataclass(frozen=True)
+class Reward:
+    """Score of one completion. ``error`` is set when the reward function failed on
+    this sample; such samples are excluded from group statistics, not scored 0."""
+
+    total: float
+    components: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    prompt: PromptSample
+    completion: Completion
+    reward: Reward
+    group_index: int  # index of the prompt's group within the step
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    """What a training engine's forward returns, aligned with ``input_ids``."""
+
+    logprobs: torch.Tensor  # [B, T] float32
+    entropy: torch.Tensor | None = None  # [B, T] float32, when asked for
+
+
+@dataclass
+class TrainBatch:
+    """Padded tensors for one optimizer step (or one shard of it).
+
+    Engines read only ``input_ids``/``attention_mask``; the other fields are for the
+    loss function, which the engine passes through without looking at them.
+    """
+
+    input_ids: torch.Tensor  # [B, T] long, right-padded
+    attention_mask: torch.Tensor  # [B, T] long, 1 = real token
+    loss_mask: torch.Tensor  # [B, T] float, 1 = completion token that is trained
+    advantages: torch.Tensor | None = None  # [B, T] float
+    old_logprobs: torch.Tensor | None = None  # [B, T] float, policy that sampled (or pre-update)
+    ref_logprobs: torch.Tensor | None = None  # [B, T] float, reference policy
+    # Number of trained tokens across the whole step (all micro-batches, all ranks);
+    # losses divide by it so that splitting a batch never changes the gradient.
+    global_num_tokens: float = 0.0
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, index: slice | torch.Tensor | list[int]) -> "TrainBatch":
+        """Rows ``index`` of every tensor field; scalars are kept."""
+        kwargs = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kwargs[f.name] = value[index] if isinstance(value, torch.Tensor) else value
+        return TrainBatch(**kwargs)
+
+    def chunks(self, chunk_size: int) -> list["TrainBatch"]:
+        return [self.select(slice(i, i + chunk_size)) for i in range(0, self.size, chunk_size)]
+
+    def shard(self, num_shards: int) -> list["TrainBatch"]:
+        """Contiguous, equal shards for data-parallel ranks (size must divide evenly)."""
+        if self.size % num_shards:
+            raise ValueError(f"batch of {self.size} rows cannot be split over {num_shards} ranks")
+        per = self.size // num_shards
+        return [self.select(slice(r * per, (r + 1) * per)) for r in range(num_shards)]
+
+    def trim(self) -> "TrainBatch":
+        """Drop trailing columns that are padding in every row."""
+        length = int(self.attention_mask.sum(dim=1).max().item()) if self.size else 0
+        kwargs = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kwargs[f.name] = value[:, :length] if isinstance(value, torch.Tensor) else value
+        return TrainBatch(**kwargs)
