@@ -38,8 +38,10 @@ def recipes_dir() -> Path:
     return _find_dir("recipes")
 
 
-def recipe_names() -> list[str]:
-    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+def group_options(group: str) -> list[str]:
+    """Options of a config group (``recipe`` lists the recipes folder)."""
+    folder = recipes_dir() if group == "recipe" else config_dir() / group
+    return sorted(p.stem for p in folder.glob("*.yaml"))
 
 
 def _register_recipes() -> None:
@@ -94,12 +96,18 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> dict:
     try:
         cfg = _compose(overrides)
     except HydraException as err:
+        choice = re.search(r"Could not (?:find|load) '([\w-]+)/([^']+)'", str(err))
+        if choice:
+            group, name = choice.groups()
+            raise ConfigError(
+                f"{group}={name}: no such option. Valid options for {group}: {', '.join(group_options(group))}"
+            ) from None
         match = re.search(r"Could not override '([^']+)'", str(err))
         if match:
             message = _explain_bad_override(overrides, match.group(1))
             if message:
                 raise ConfigError(message) from None
-        raise ConfigError(f"{err}\nRecipes: {', '.join(recipe_names())}") from None
+        raise ConfigError(str(err)) from None
     try:
         return OmegaConf.to_container(cfg, resolve=True)
     except Exception as err:

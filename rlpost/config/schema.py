@@ -167,6 +167,16 @@ class EvalConfig:
 
 
 @dataclass
+class ConsoleLogConfig:
+    progress_bar: bool = True
+
+
+@dataclass
+class JsonlLogConfig:
+    filename: str = "metrics.jsonl"
+
+
+@dataclass
 class WandbConfig:
     project: str = "rlpost"
     name: str | None = None
@@ -191,7 +201,18 @@ class WeightSyncConfig:
         _require(self.bucket_mb >= 1, "weight_sync.bucket_mb", "must be >= 1")
 
 
-LOGGERS = ("console", "jsonl", "wandb")
+@dataclass
+class LoggerConfig:
+    """Each backend is on when its section is present (Hydra multi-select group
+    ``logger=[console,jsonl,wandb]``)."""
+
+    console: ConsoleLogConfig | None = None
+    jsonl: JsonlLogConfig | None = None
+    wandb: WandbConfig | None = None
+
+    def check(self) -> None:
+        if self.wandb is not None:
+            self.wandb.check()
 
 
 @dataclass
@@ -199,7 +220,7 @@ class RunConfig:
     output_dir: str = "runs/default"
     resume: str = "auto"  # auto | never | path to a checkpoint directory
     seed: int = 0
-    logger: list[str] = field(default_factory=lambda: ["console", "jsonl"])
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -207,16 +228,13 @@ class RunConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
 
     def check(self) -> None:
         for section in (self.model, self.data, self.rollout, self.trainer, self.algorithm,
-                        self.reward, self.eval, self.wandb, self.weight_sync):
+                        self.reward, self.eval, self.logger, self.weight_sync):
             section.check()
-        unknown = [name for name in self.logger if name not in LOGGERS]
-        _require(not unknown, "logger", f"unknown logger(s) {unknown}; valid: {list(LOGGERS)}")
         _require(bool(self.output_dir), "output_dir", "must be a directory path")
         rows = self.data.train_batch_size * self.rollout.n
         per_rank, rem = divmod(rows, self.trainer.world_size * self.trainer.mini_batches)

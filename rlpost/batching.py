@@ -1,0 +1,37 @@
+"""Trajectories -> padded TrainBatch (token alignment as in rlpost.types)."""
+
+from __future__ import annotations
+
+import torch
+
+from rlpost.types import TrainBatch, Trajectory
+
+
+def build_train_batch(trajectories: list[Trajectory], advantages: list[float], pad_id: int) -> TrainBatch:
+    """Right-padded ``[B, T]`` tensors. ``loss_mask`` covers the completion tokens;
+    ``advantages`` (one scalar per trajectory, outcome reward) is broadcast over them.
+    Trajectories whose reward failed get an all-zero loss mask."""
+    lengths = [len(t.prompt.prompt_ids) + len(t.completion.token_ids) for t in trajectories]
+    rows, width = len(trajectories), max(lengths)
+    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((rows, width), dtype=torch.long)
+    loss_mask = torch.zeros((rows, width), dtype=torch.float32)
+    adv = torch.zeros((rows, width), dtype=torch.float32)
+    for i, (traj, a) in enumerate(zip(trajectories, advantages)):
+        p, c = len(traj.prompt.prompt_ids), len(traj.completion.token_ids)
+        input_ids[i, : p + c] = torch.tensor(traj.prompt.prompt_ids + traj.completion.token_ids)
+        attention[i, : p + c] = 1
+        if traj.reward.error is None:
+            loss_mask[i, p : p + c] = 1.0
+        adv[i, p : p + c] = a
+    return TrainBatch(input_ids=input_ids, attention_mask=attention, loss_mask=loss_mask,
+                      advantages=adv, global_num_tokens=float(loss_mask.sum()))
+
+
+def sampler_logprobs(trajectories: list[Trajectory], like: torch.Tensor) -> torch.Tensor:
+    """The rollout engine's logprobs laid out like the batch (0 outside completions)."""
+    out = torch.zeros_like(like, dtype=torch.float32)
+    for i, traj in enumerate(trajectories):
+        p, c = len(traj.prompt.prompt_ids), len(traj.completion.token_ids)
+        out[i, p : p + c] = torch.tensor(traj.completion.logprobs, dtype=torch.float32)
+    return out

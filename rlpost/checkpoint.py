@@ -1,0 +1,82 @@
+"""Checkpoint layout and atomic publication.
+
+    output_dir/checkpoints/
+        step_000010/
+            policy/            written by the training engine (world-size independent)
+            controller.json    step, policy version, data position, RNG seeds
+        latest                 name of the newest complete checkpoint, written last
+
+A checkpoint is built under a temporary name and renamed into place when complete;
+``latest`` is replaced atomically afterwards. A crash at any point therefore leaves
+either the previous or the new checkpoint as ``latest``, never a partial one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlpost.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ControllerState:
+    step: int  # training steps completed
+    policy_version: int
+    data: dict  # PromptStream.state_dict()
+
+
+class CheckpointManager:
+    def __init__(self, root: Path, keep_last: int):
+        self.root, self.keep_last = Path(root), keep_last
+
+    def begin(self, step: int) -> Path:
+        """A fresh temporary folder to write step ``step`` into."""
+        tmp = self.root / f".tmp-step_{step:06d}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def commit(self, tmp: Path, state: ControllerState) -> Path:
+        (tmp / "controller.json").write_text(json.dumps(state.__dict__, indent=2))
+        final = self.root / f"step_{state.step:06d}"
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        marker = self.root / "latest.tmp"
+        marker.write_text(final.name)
+        os.replace(marker, self.root / "latest")
+        self._prune()
+        return final
+
+    def _prune(self) -> None:
+        done = sorted(p for p in self.root.glob("step_*") if p.is_dir())
+        for old in done[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def latest(self) -> Path | None:
+        marker = self.root / "latest"
+        if not marker.exists():
+            return None
+        path = self.root / marker.read_text().strip()
+        return path if path.is_dir() else None
+
+
+def resolve_resume(resume: str, manager: CheckpointManager) -> Path | None:
+    """``auto``: the latest checkpoint if any; ``never``: none; else a path that must exist."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return manager.latest()
+    path = Path(resume)
+    if not (path / "controller.json").is_file():
+        raise ConfigError(f"resume={resume}: not a checkpoint folder (no controller.json in it)")
+    return path
+
+
+def read_state(path: Path) -> ControllerState:
+    return ControllerState(**json.loads((path / "controller.json").read_text()))

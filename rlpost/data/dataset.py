@@ -1,0 +1,184 @@
+"""Prompts for training and eval: rows -> chat-templated, tokenised ``PromptSample``s.
+
+Bad rows never stop a run: a row with a missing, empty or malformed prompt or
+answer is skipped and counted, and so is a prompt longer than
+``data.max_prompt_tokens``. ``DataReport`` says how many of each, so a user sees
+that 30% of a dataset was dropped instead of finding out from a weak result.
+A missing file does stop the run (``DataError`` naming the path).
+
+Order is the file order; ``uid`` = ``"{split}-{row_index}"`` (row index in the
+concatenated files, counting skipped rows) stays stable across runs, so resumes and
+groups can refer to it. Shuffling is the sampler's job.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from rlpost.config.schema import DataConfig
+from rlpost.data.math_gen import write_builtin_math
+from rlpost.errors import DataError
+from rlpost.types import PromptSample
+
+Split = Literal["train", "val"]
+
+
+@dataclass(frozen=True)
+class DataReport:
+    split: str
+    loaded: int  # rows read from the files
+    kept: int
+    too_long: int  # prompts over data.max_prompt_tokens
+    malformed: int  # missing/empty/unusable prompt or answer, or an unparsable line
+
+    def summary(self) -> str:
+        return (f"data[{self.split}]: kept {self.kept} of {self.loaded} rows "
+                f"({self.too_long} over max_prompt_tokens, {self.malformed} malformed)")
+
+
+def load_prompts(cfg: DataConfig, tokenizer, split: Split, seed: int,
+                 data_dir: Path) -> tuple[list[PromptSample], DataReport]:
+    """Templated prompts of ``split``. ``data_dir`` caches the built-in files;
+    ``source=files`` with no ``val_files`` gives an empty val split."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be train or val, got {split!r}")
+    if cfg.source == "builtin":
+        train, val = write_builtin_math(Path(data_dir), cfg.builtin_train_size, cfg.builtin_val_size,
+                                        cfg.builtin_max_level, seed)
+        files = [str(train if split == "train" else val)]
+        prompt_key, answer_key = "prompt", "answer"
+    else:
+        files = list(cfg.train_files if split == "train" else cfg.val_files)
+        prompt_key, answer_key = cfg.prompt_key, cfg.answer_key
+
+    samples: list[PromptSample] = []
+    loaded = too_long = malformed = 0
+    for index, row in enumerate(_read_rows(files)):
+        loaded += 1
+        parsed = _parse_row(row, prompt_key, answer_key)
+        if parsed is None:
+            malformed += 1
+            continue
+        messages, question, answer = parsed
+        if cfg.system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
+        prompt_ids = template_prompt(tokenizer, messages)
+        if len(prompt_ids) > cfg.max_prompt_tokens:
+            too_long += 1
+            continue
+        metadata = {k: v for k, v in row.items() if k not in (prompt_key, answer_key) and _is_scalar(v)}
+        samples.append(PromptSample(uid=f"{split}-{index}", prompt_ids=tuple(prompt_ids), question=question,
+                                    answer=answer, metadata=metadata))
+    return samples, DataReport(split, loaded, len(samples), too_long, malformed)
+
+
+def template_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Chat-templated prompt ids ending with the generation prompt. Rendered to text
+    and then encoded without extra special tokens, so BOS is never doubled and the
+    result is the same across transformers versions (v5 returns a dict when
+    ``tokenize=True``)."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def extract_answer(value: Any) -> str | None:
+    """Ground truth as a string: GSM8K "... #### 1,234" -> "1234"; MATH-style text
+    with \\boxed{...} -> the last boxed content; numbers as written (7.0 -> "7")."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        return str(int(value)) if value.is_integer() else repr(value)
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    if "####" in text:
+        text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text.rsplit("####", 1)[1].strip())
+    elif "\\boxed" in text:
+        text = last_boxed(text) or ""
+    return text.strip() or None
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...}, matching nested braces; None when absent or unclosed."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, begin = 0, start + len("\\boxed{")
+    for i in range(begin - 1, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[begin:i]
+    return None
+
+
+def _parse_row(row: dict, prompt_key: str, answer_key: str) -> tuple[list[dict[str, str]], str, str] | None:
+    """(messages, question, answer), or None when the row is unusable. A prompt is a
+    string (one user turn) or a list of {role, content} messages (verl-style)."""
+    answer = extract_answer(row.get(answer_key))
+    prompt = row.get(prompt_key)
+    if answer is None:
+        return None
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            return None
+        return [{"role": "user", "content": prompt}], prompt, answer
+    if isinstance(prompt, list) and prompt:
+        ok = all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                 for m in prompt)
+        users = [m["content"] for m in prompt if ok and m["role"] == "user"]
+        if ok and users and users[-1].strip():
+            return [{"role": m["role"], "content": m["content"]} for m in prompt], users[-1], answer
+    return None
+
+
+def _read_rows(files: list[str]) -> Iterator[dict]:
+    for name in files:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise DataError(f"data file not found: {name!r} (resolved to {path.resolve()})")
+        suffix = path.suffix.lower()
+        if suffix == ".parquet":
+            yield from _read_parquet(path)
+        elif suffix in (".jsonl", ".json"):
+            yield from _read_jsonl(path)
+        else:
+            raise DataError(f"data file {name!r}: unsupported extension {suffix!r}; use .parquet or .jsonl")
+
+
+def _read_parquet(path: Path) -> Iterator[dict]:
+    import datasets
+
+    try:
+        table = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
+    except Exception as exc:
+        raise DataError(f"cannot read parquet file {str(path)!r}: {exc}") from exc
+    yield from table
+
+
+def _read_jsonl(path: Path) -> Iterator[dict]:
+    # Parsed line by line rather than with datasets' json loader: that loader rejects
+    # a whole file over one bad line or a column with mixed types, and here a bad
+    # row must cost one row. A non-dict line is yielded as {} and counted malformed.
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = {}
+            yield row if isinstance(row, dict) else {}
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (str, int, float, bool)) or value is None

@@ -1,0 +1,392 @@
+"""FSDP2 training engine: one data-parallel rank of a policy or reference model.
+
+Runs inside a process whose default ``torch.distributed`` group is already
+initialised (gloo on CPU, nccl on GPU); world size 1 works too. Every public method
+except ``weight_specs`` is collective: all ranks call it together, in the same order,
+or the group hangs.
+
+Sharding: ``fully_shard`` on every decoder layer (``model._no_split_modules``) and on
+the root, over a 1-D mesh of the whole default group. Tied parameters (embedding and
+``lm_head``) both live in the root unit, so tying survives sharding.
+
+Gradients are SUMMED over ranks, not averaged (``set_gradient_divide_factor(1.0)``
+plus sum reduction): the ``LossFn`` contract in ``rlpost.engines.base`` already divides
+by a global token count, so averaging would shrink every update by the world size.
+
+Precision: with ``model.dtype = bfloat16`` a trainable engine keeps float32 master
+weights and AdamW state and computes in bfloat16 (FSDP2 ``MixedPrecisionPolicy``,
+gradients reduced in float32), as torchtitan and verl do; AdamW updates on bfloat16
+weights lose most small updates. A frozen reference engine holds bfloat16 weights.
+Weights leave the engine (``named_full_weights``, ``export_hf``) in ``model.dtype``.
+log-softmax and entropy are always computed in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from rlpost.config.schema import ModelConfig, TrainerConfig
+from rlpost.engines.base import LossFn
+from rlpost.errors import ConfigError, ModelError
+from rlpost.types import ModelOutput, TrainBatch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Files an HF model folder may carry besides config and weights; export_hf copies them.
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
+)
+MODEL_FILE = "model.pt"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+def sequence_logprobs(
+    logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_entropy: bool
+) -> ModelOutput:
+    """Per-token log-probs (and entropy) aligned with ``input_ids`` (see rlpost.types).
+
+    logits: [B, T, V] from a forward over input_ids. ``out.logprobs[:, t]`` is
+    ``log p(input_ids[:, t] | input_ids[:, :t])``, i.e. uses ``logits[:, t - 1]``;
+    position 0 and padding are 0. Computed in float32, differentiable.
+    """
+    logits = logits[:, :-1].float()  # [B, T-1, V] predicts input_ids[:, 1:]
+    lse = torch.logsumexp(logits, dim=-1)
+    token_logits = logits.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    valid = attention_mask[:, 1:].to(logits.dtype)
+    first = logits.new_zeros(input_ids.shape[0], 1)
+    logprobs = torch.cat([first, (token_logits - lse) * valid], dim=1)
+    entropy = None
+    if with_entropy:
+        # H = logsumexp(z) - sum_v softmax(z)_v z_v
+        ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+        entropy = torch.cat([first, ent * valid], dim=1)
+    return ModelOutput(logprobs=logprobs, entropy=entropy)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """Multiplier of the base lr at optimizer step ``step`` (0-based).
+
+    Linear warmup reaches 1.0 at step ``warmup_steps - 1`` (so the first step already
+    moves the weights, unlike the HF schedule that starts at 0); then constant, or
+    cosine decay to 0 at ``total_steps``.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class FSDPEngine:
+    """Implements ``rlpost.engines.base.TrainEngine`` with FSDP2.
+
+    ``model``, ``optimizer`` (None when frozen) and ``scheduler`` are public for
+    inspection in tests; code outside the engine should not step them.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        model_cfg: ModelConfig,
+        trainer_cfg: TrainerConfig | None,
+        trainable: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("FSDPEngine needs torch.distributed initialised first (gloo on CPU, nccl on GPU)")
+        if trainable and trainer_cfg is None:
+            raise ConfigError("trainer: a trainable FSDPEngine needs a TrainerConfig (only the frozen reference may omit it)")
+        if model_cfg.dtype not in _DTYPES:
+            raise ConfigError(f"model.dtype: must be one of {sorted(_DTYPES)}, got {model_cfg.dtype!r}")
+        self.model_cfg, self.trainer_cfg, self.trainable = model_cfg, trainer_cfg, trainable
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        )
+        self.model_path = model_path
+        self.dtype = _DTYPES[model_cfg.dtype]  # dtype weights leave the engine in
+        # bf16 training keeps fp32 master weights; see module docstring.
+        master_dtype = torch.float32 if trainable else self.dtype
+        torch.manual_seed(seed)
+        self.model = self._load(model_path, master_dtype)
+        # name -> name of the first parameter it shares storage with (tied embeddings).
+        self._aliases = _shared_parameter_aliases(self.model)
+        self._shard(mixed=trainable and self.dtype != torch.float32)
+
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        if trainable:
+            self._build_optimizer(trainer_cfg)
+        else:
+            self.model.requires_grad_(False)
+            self.model.eval()
+
+    # ------------------------------------------------------------------ setup
+    def _load(self, model_path: str, dtype: torch.dtype) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                model_path, dtype=dtype, trust_remote_code=self.model_cfg.trust_remote_code
+            )
+        except (OSError, ValueError) as e:
+            raise ModelError(f"cannot load {model_path!r} with AutoModelForCausalLM: {e}") from e
+        model.config.use_cache = False
+        if self.trainable and self.model_cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    def _shard(self, mixed: bool) -> None:
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        mp = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32) if mixed else MixedPrecisionPolicy()
+        block_names = set(getattr(self.model, "_no_split_modules", None) or ())
+        blocks = [m for m in self.model.modules() if type(m).__name__ in block_names]
+        if not blocks:
+            raise ModelError(f"{type(self.model).__name__} names no decoder layer class in _no_split_modules; cannot shard it per layer")
+        for block in blocks:
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(self.model, mesh=mesh, mp_policy=mp)
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                # SUM over ranks (see module docstring). Forcing sum reduction keeps
+                # gloo working: a divide factor alone would ask for PREMUL_SUM.
+                module.set_gradient_divide_factor(1.0)
+                module.set_force_sum_reduction_for_comms(True)
+
+    def _build_optimizer(self, cfg: TrainerConfig) -> None:
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
+        )
+        total = cfg.total_steps * cfg.mini_batches * cfg.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, cfg.warmup_steps, total, cfg.lr_schedule)
+        )
+
+    # -------------------------------------------------------------- forward
+    def _to_device(self, batch: TrainBatch) -> TrainBatch:
+        moved = {
+            f.name: getattr(batch, f.name).to(self.device, non_blocking=True)
+            for f in dataclasses.fields(batch)
+            if isinstance(getattr(batch, f.name), torch.Tensor)
+        }
+        return dataclasses.replace(batch, **moved)
+
+    def _forward(self, mb: TrainBatch, with_entropy: bool) -> ModelOutput:
+        mask = mb.attention_mask
+        # Right padding: real tokens sit at 0..len-1; pads get clamped positions.
+        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(input_ids=mb.input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+        return sequence_logprobs(logits, mb.input_ids, mask, with_entropy)
+
+    def _micro_batches(self, batch: TrainBatch, size: int) -> list[TrainBatch | None]:
+        """Chunks of ``batch``, padded with ``None`` (a dummy forward) up to the largest
+        count on any rank: FSDP all-gathers per forward, so ranks must run equally many."""
+        chunks = batch.chunks(size) if batch.size else []
+        count = len(chunks)
+        if self.world_size > 1:
+            t = torch.tensor([count], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            count = int(t.item())
+        return chunks + [None] * (count - len(chunks))
+
+    def _dummy_batch(self) -> TrainBatch:
+        ids = torch.zeros(1, 2, dtype=torch.long, device=self.device)
+        return TrainBatch(input_ids=ids, attention_mask=torch.ones_like(ids), loss_mask=torch.zeros(1, 2, device=self.device))
+
+    @torch.no_grad()
+    def forward_logprobs(
+        self, batch: TrainBatch, *, with_entropy: bool = False, micro_batch_size: int | None = None
+    ) -> ModelOutput:
+        """[B, T] float32 log-probs (and entropy) on CPU, no gradient. Collective.
+
+        ``micro_batch_size`` defaults to ``trainer.micro_batch_size`` (the whole batch
+        for a reference engine built without a TrainerConfig).
+        """
+        size = micro_batch_size or (self.trainer_cfg.micro_batch_size if self.trainer_cfg else max(batch.size, 1))
+        self.model.eval()
+        logprobs, entropy = [], []
+        for mb in self._micro_batches(batch, size):
+            if mb is None:
+                self._forward(self._dummy_batch(), with_entropy=False)
+                continue
+            out = self._forward(self._to_device(mb), with_entropy)
+            logprobs.append(out.logprobs.cpu())
+            if with_entropy:
+                entropy.append(out.entropy.cpu())
+        if not logprobs:
+            empty = torch.zeros(tuple(batch.input_ids.shape), dtype=torch.float32)
+            return ModelOutput(logprobs=empty, entropy=empty.clone() if with_entropy else None)
+        return ModelOutput(
+            logprobs=torch.cat(logprobs), entropy=torch.cat(entropy) if with_entropy else None
+        )
+
+    # ---------------------------------------------------------------- train
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn, micro_batch_size: int) -> dict[str, float]:
+        """One optimizer step over this rank's shard; see TrainEngine.train_step.
+
+        A non-finite loss on any rank, or a non-finite global grad norm, skips the
+        update on every rank (gradients dropped, no optimizer or scheduler step) and
+        reports ``skipped = 1.0``; otherwise ``skipped = 0.0``. ``lr`` is the rate this
+        step used (or would have used).
+        """
+        if self.optimizer is None:
+            raise RuntimeError("train_step called on a frozen (trainable=False) FSDPEngine")
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics: dict[str, float] = {}
+        bad_loss = torch.zeros((), device=self.device)
+        for mb in self._micro_batches(batch, micro_batch_size):
+            if mb is None:  # keeps FSDP collectives in step; contributes zero gradient
+                self._forward(self._dummy_batch(), with_entropy=False).logprobs.sum().mul(0.0).backward()
+                continue
+            mb = self._to_device(mb)
+            loss, mb_metrics = loss_fn(self._forward(mb, with_entropy=True), mb)
+            # Backward even when the loss is bad: FSDP reduce-scatters in backward and
+            # the other ranks are waiting for it.
+            loss.backward()
+            bad_loss = torch.maximum(bad_loss, (~torch.isfinite(loss.detach())).float())
+            for key, value in mb_metrics.items():
+                metrics[key] = metrics.get(key, 0.0) + float(value)
+
+        grad_norm = self._global_grad_norm()
+        if self.world_size > 1:
+            dist.all_reduce(bad_loss, op=dist.ReduceOp.MAX)
+        skipped = bool(bad_loss.item()) or not math.isfinite(grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grads_with_norm_(params, self.trainer_cfg.grad_clip, torch.tensor(grad_norm, device=self.device))
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        metrics.update(grad_norm=grad_norm, lr=lr, skipped=float(skipped))
+        return metrics
+
+    def _global_grad_norm(self) -> float:
+        """L2 norm of the full (unsharded) gradient; identical on every rank."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return 0.0
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        if isinstance(norm, DTensor):  # partial per-shard norms -> all-reduce
+            norm = norm.full_tensor()
+        return float(norm.item())
+
+    # -------------------------------------------------------------- weights
+    def weight_specs(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """(HF name, full shape, dtype) of what ``named_full_weights`` yields, in order.
+        Local, not collective: what a weight-sync plan is built from."""
+        return [(name, tuple(t.shape), self.dtype if t.is_floating_point() else t.dtype)
+                for name, t in self.model.state_dict().items()]
+
+    def named_full_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full tensors in HF naming and ``model.dtype``, one at a time (peak extra
+        memory: one tensor). Collective: every rank must exhaust the iterator; only
+        rank 0's tensors are meant to be used (all ranks get the same values).
+
+        Yields exactly the keys the plain HF model's ``state_dict()`` has, tied
+        ``lm_head.weight`` included (re-gathered, not cached, to keep the peak low).
+        """
+        for name, tensor in self.model.state_dict().items():
+            if isinstance(tensor, DTensor):
+                tensor = tensor.full_tensor()
+            yield name, tensor.detach().to(self.dtype) if tensor.is_floating_point() else tensor.detach()
+
+    # ---------------------------------------------------------- checkpoints
+    def save(self, path: str) -> None:
+        """Full (world-size independent) model, optimizer and scheduler state, written
+        by rank 0 into ``path``. Collective; returns on every rank after the write."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        if self.optimizer is not None:
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=options)
+        else:
+            model_sd, optim_sd = get_model_state_dict(self.model, options=options), None
+        if self.rank == 0:
+            os.makedirs(path, exist_ok=True)
+            torch.save(model_sd, os.path.join(path, MODEL_FILE))
+            if optim_sd is not None:
+                state = {"optimizer": optim_sd, "scheduler": self.scheduler.state_dict(), "world_size": self.world_size}
+                torch.save(state, os.path.join(path, OPTIMIZER_FILE))
+        del model_sd, optim_sd
+        dist.barrier()
+
+    def load(self, path: str) -> None:
+        """Inverse of ``save``, from any world size: rank 0 reads, then broadcasts."""
+        model_sd, state = {}, {}
+        if self.rank == 0:
+            model_file = os.path.join(path, MODEL_FILE)
+            if not os.path.exists(model_file):
+                raise ModelError(f"{path!r} is not an FSDPEngine checkpoint: {MODEL_FILE} is missing")
+            model_sd = torch.load(model_file, map_location="cpu", weights_only=True, mmap=True)
+            if self.optimizer is not None:
+                state = torch.load(os.path.join(path, OPTIMIZER_FILE), map_location="cpu", weights_only=True, mmap=True)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        if self.optimizer is None:
+            set_model_state_dict(self.model, model_sd, options=options)
+        else:
+            set_state_dict(self.model, self.optimizer, model_state_dict=model_sd,
+                           optim_state_dict=state.get("optimizer", {}), options=options)
+            box = [state.get("scheduler")]
+            dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
+            self.scheduler.load_state_dict(box[0])
+        dist.barrier()
+
+    def export_hf(self, path: str, tokenizer_path: str | None = None) -> None:
+        """Rank 0 writes an HF folder (config, ``model.safetensors`` in ``model.dtype``,
+        tokenizer files copied from ``tokenizer_path``, default the source model folder).
+        Collective. Gathers the whole model on rank 0's CPU."""
+        from safetensors.torch import save_file
+
+        weights = {}
+        for name, tensor in self.named_full_weights():
+            # safetensors refuses shared storage; HF re-ties on load from the config.
+            if self.rank == 0 and name not in self._aliases:
+                weights[name] = tensor.to("cpu", copy=True).contiguous()
+        if self.rank == 0:
+            os.makedirs(path, exist_ok=True)
+            config = self.model.config
+            config.dtype = self.dtype
+            config.use_cache = True
+            config.save_pretrained(path)
+            config.use_cache = False
+            save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+            source = tokenizer_path or self.model_path
+            for name in _TOKENIZER_FILES:
+                if os.path.isfile(os.path.join(source, name)):
+                    shutil.copy2(os.path.join(source, name), os.path.join(path, name))
+        del weights
+        dist.barrier()
+
+
+def _shared_parameter_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """{alias: first name} for parameters registered under several names (tied
+    embeddings: ``lm_head.weight`` -> ``model.embed_tokens.weight``)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases

@@ -1,0 +1,118 @@
+"""Entry point: ``python -m rlpost.train +recipe=grpo_math [key=value ...]``.
+
+Composes and validates the config (nothing starts if it is wrong), builds the
+components on a Ray cluster, runs the controller, exports ``final/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from rlpost.config.convert import to_dict
+from rlpost.config.load import load_config
+from rlpost.config.schema import RunConfig
+from rlpost.errors import RlpostError
+
+log = logging.getLogger("rlpost")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RLPOST_CACHE", Path.home() / ".cache" / "rlpost"))
+
+
+def run(cfg: RunConfig) -> dict:
+    """Train according to ``cfg``; returns the metrics of the last step."""
+    import torch
+
+    from rlpost.checkpoint import CheckpointManager, read_state, resolve_resume
+    from rlpost.controller import Controller
+    from rlpost.data.dataset import load_prompts
+    from rlpost.data.stream import PromptStream
+    from rlpost.models.loading import load_tokenizer, resolve_model_path
+    from rlpost.tracking import Tracker
+    from rlpost.workers.cluster import start_cluster, stop_cluster
+    from rlpost.workers.reward_pool import RewardPool
+    from rlpost.workers.rollout_group import RolloutGroup
+    from rlpost.workers.trainer_group import TrainerGroup
+
+    torch.set_num_threads(1)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    print(f"rlpost: run directory {out.resolve()}", flush=True)
+
+    model_path = resolve_model_path(cfg.model.path, seed=cfg.seed)
+    tokenizer = load_tokenizer(model_path)
+    data_dir = cache_root() / "data"
+    train, train_report = load_prompts(cfg.data, tokenizer, "train", seed=cfg.seed, data_dir=data_dir)
+    val, val_report = load_prompts(cfg.data, tokenizer, "val", seed=cfg.seed, data_dir=data_dir)
+    print(f"rlpost: train data {train_report.summary()}; val data {val_report.summary()}", flush=True)
+
+    checkpoints = CheckpointManager(out / "checkpoints", cfg.trainer.keep_last)
+    resume_from = resolve_resume(cfg.resume, checkpoints)
+    state = read_state(resume_from) if resume_from else None
+    if state and state.step >= cfg.trainer.total_steps and (out / "final").is_dir():
+        print(f"rlpost: {out} already finished {state.step} steps; nothing to do", flush=True)
+        return {}
+
+    use_reference = cfg.algorithm.kl_coef > 0
+    started = start_cluster(cfg)
+    groups = []
+    tracker = Tracker(cfg.logger, out, cfg.trainer.total_steps, to_dict(cfg))
+    try:
+        trainer = TrainerGroup(cfg, model_path, with_reference=use_reference)
+        groups.append(trainer)
+        rollout = RolloutGroup(cfg, model_path)
+        groups.append(rollout)
+        rewards = RewardPool(cfg.reward)
+        groups.append(rewards)
+        stream = PromptStream(train, cfg.data.train_batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
+        controller = Controller(cfg, trainer=trainer, rollout=rollout, rewards=rewards, stream=stream,
+                                val_samples=val, tracker=tracker, checkpoints=checkpoints,
+                                pad_id=tokenizer.pad_token_id, use_reference=use_reference)
+        start_step = 0
+        if state is not None:
+            controller.restore(resume_from, state)
+            tracker.truncate_after(state.step)
+            start_step = state.step
+            print(f"rlpost: resumed from {resume_from} at step {start_step}", flush=True)
+        last = controller.run(start_step)
+        trainer.export_hf(str(out / "final"), model_path)
+        tracker.message(f"rlpost: final policy exported to {out / 'final'}")
+        return last
+    finally:
+        tracker.close()
+        for group in reversed(groups):
+            group.shutdown()
+        stop_cluster(started)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m rlpost.train",
+        description="RL post-training. Give Hydra overrides, e.g. +recipe=grpo_math trainer.total_steps=40",
+    )
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides (key=value, +recipe=NAME)")
+    parser.add_argument("--cfg", action="store_true", help="print the composed, validated config and exit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cfg = load_config(args.overrides)
+        if args.cfg:
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            return 0
+        run(cfg)
+    except RlpostError as err:
+        print(f"rlpost: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

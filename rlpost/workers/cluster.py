@@ -1,0 +1,72 @@
+"""Start or join the Ray cluster, and the small helpers actors share."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import ray
+
+from rlpost.config.schema import RunConfig
+from rlpost.errors import WorkerError
+
+# Environment every actor gets: one math thread per process (2 cores oversubscribe
+# fast), no tokenizer thread pools, and offline hubs unless the user set otherwise.
+ACTOR_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_AUTH_MODE": "disabled",
+}
+
+
+def logical_cpus_needed(cfg: RunConfig) -> int:
+    return cfg.trainer.world_size + cfg.rollout.replicas + cfg.reward.workers
+
+
+def start_cluster(cfg: RunConfig) -> bool:
+    """Join ``cfg.ray.address`` or start a local cluster. Returns True when this call
+    started Ray (and so must shut it down)."""
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    env = {k: os.environ.get(k, v) for k, v in ACTOR_ENV.items()}
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "RLPOST_CACHE", "WANDB_MODE", "PYTHONPATH"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, runtime_env={"env_vars": env}, log_to_driver=True)
+    else:
+        # Logical CPUs may exceed cores: actors mostly wait on each other, and each is
+        # pinned to one thread, so one CPU slot per actor is what we need.
+        num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, logical_cpus_needed(cfg))
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
+                 log_to_driver=True, configure_logging=False)
+    return True
+
+
+def stop_cluster(started: bool) -> None:
+    if started and ray.is_initialized():
+        ray.shutdown()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def node_ip() -> str:
+    """Address other actors can reach this node on; loopback on a single machine."""
+    address = ray.util.get_node_ip_address()
+    return "127.0.0.1" if len(ray.nodes()) <= 1 else address
+
+
+def wait(refs, timeout_s: float | None, what: str):
+    """``ray.get`` that turns actor deaths and timeouts into a WorkerError naming the stage."""
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise WorkerError(f"{what} did not finish within {timeout_s:.0f}s") from None
+    except ray.exceptions.RayActorError as err:
+        raise WorkerError(f"{what}: an actor died ({err.__class__.__name__}): {err}") from err
