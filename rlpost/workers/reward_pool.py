@@ -20,7 +20,7 @@ class RewardActor:
         from rlpost.rewards import load_reward_fn
 
         self.cfg = cfg
-        self.fn = load_reward_fn(cfg.fn)
+        self.fn = load_reward_fn(cfg.fn, kwargs=cfg.kwargs)
 
     def score(self, items: list[RewardItem]) -> list[Reward]:
         from rlpost.rewards import score_batch
@@ -32,7 +32,9 @@ class RewardPool:
     def __init__(self, cfg: RewardConfig):
         from rlpost.rewards import load_reward_fn
 
-        load_reward_fn(cfg.fn)  # fail at start-up, in the driver, with a clear error
+        # Fail at start-up, in the driver, with a clear error: a missing function or a
+        # signature that does not take reward.kwargs.
+        load_reward_fn(cfg.fn, kwargs=cfg.kwargs)
         self.cfg = cfg
         self.actors = [RewardActor.options(num_cpus=1).remote(cfg) for _ in range(cfg.workers)]
 

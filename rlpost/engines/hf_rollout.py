@@ -1,0 +1,260 @@
+"""Rollout engine on plain Hugging Face transformers: a KV-cached sampling loop.
+
+Why not ``model.generate``: it samples from the global torch RNG (no generator
+argument), applies the checkpoint's generation_config defaults (``top_k=50``,
+repetition penalty, ...) unless each is overridden, and pads finished rows. The loop
+here is short, owns its ``torch.Generator``, and computes each token's log-prob
+from exactly the distribution it was drawn from.
+
+Sampling, per step, in float32: ``logits / temperature`` -> top-k (ties at the k-th
+value are kept) -> top-p (the smallest set of most likely tokens whose probability
+reaches ``top_p``) -> ``log_softmax`` -> sample. ``Completion.logprobs`` are this
+final ``log_softmax`` at the sampled tokens, i.e. log-probs under the truncated,
+renormalised, tempered distribution. Greedy (temperature 0) takes the argmax and
+reports its log-prob under the plain softmax.
+
+Stopping. A row stops when it samples an EOS id (tokenizer and generation_config
+EOS ids; the EOS token is kept in ``token_ids``), when its decoded text contains
+one of ``params.stop`` (finish_reason "stop"), or after ``max_new_tokens``
+("length"). On a stop string the completion keeps every token up to and including
+the one that completed the string, and ``text`` is the decode of exactly those
+tokens, so the reward always sees the text of the trained tokens; it ends with the
+stop string plus whatever else that last token spells. Stop strings are searched in
+the decode of the last ``len(stop) + 16`` tokens, so a stop string can be missed
+only if more than 16 of those tokens decode to nothing.
+
+Batching. The ``len(prompts) * n`` rows run in chunks of ``batch_size``, left-padded
+with position ids counted from each row's first real token. Identical prompts in a
+chunk (the n samples of a group) are prefilled once and their KV cache copied.
+Finished rows are dropped from the batch and the cache.
+
+Randomness: one ``torch.Generator`` seeded from ``seed`` serves all calls, so a
+fixed seed and the same sequence of calls reproduce the same completions;
+``SamplingParams.seed`` gives one call its own generator instead.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from rlpost.errors import ModelError
+from rlpost.types import Completion, SamplingParams
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_STOP_WINDOW_SLACK = 16  # extra tokens decoded when looking for a stop string
+
+
+class HFRolloutEngine:
+    """``RolloutEngine`` over ``AutoModelForCausalLM``; holds one policy version."""
+
+    def __init__(self, model_path: str, dtype: str = "float32", seed: int = 0, batch_size: int = 64):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+            self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype])
+        except Exception as exc:
+            raise ModelError(f"cannot load model/tokenizer from {model_path!r}: {type(exc).__name__}: {exc}") from exc
+        self.model.eval().requires_grad_(False)
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.policy_version = 0
+        self.vocab_size = self.model.get_input_embeddings().num_embeddings
+        self.eos_ids = _eos_ids(self.tokenizer, self.model)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0)
+        self._keep_last_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        self._weights_ok = True  # False after an update_weights that failed part-way
+
+    # ------------------------------------------------------------------ generate
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
+        """``params.n`` completions for every prompt, in prompt order."""
+        if not self._weights_ok:
+            raise ModelError("the last update_weights failed part-way; the model holds a mix of versions. "
+                             "Send a full, valid set of weights before generating again.")
+        _check_params(params)
+        rows = []
+        for i, prompt in enumerate(prompts):
+            prompt = [int(t) for t in prompt]
+            if not prompt:
+                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+            if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+                raise ValueError(f"prompt {i} has token ids outside [0, {self.vocab_size})")
+            rows.extend([prompt] * params.n)
+        generator = self.generator if params.seed is None else torch.Generator().manual_seed(params.seed)
+        completions: list[Completion] = []
+        for start in range(0, len(rows), self.batch_size):
+            completions.extend(self._generate_chunk(rows[start:start + self.batch_size], params, generator))
+        return [completions[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        kwargs = {"logits_to_keep": 1} if self._keep_last_logits else {}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True, **kwargs)
+        return out.logits[:, -1].float()  # [B, V]
+
+    def _generate_chunk(self, prompts: list[list[int]], params: SamplingParams,
+                        generator: torch.Generator) -> list[Completion]:
+        from transformers import DynamicCache
+
+        # Prefill each distinct prompt once, then copy its cache rows to its samples.
+        distinct: dict[tuple[int, ...], int] = {}
+        row_of = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+        unique = list(distinct)
+        width = max(len(p) for p in unique)
+        input_ids = torch.full((len(unique), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(unique), width), dtype=torch.long)
+        for r, p in enumerate(unique):  # left padding
+            input_ids[r, width - len(p):] = torch.tensor(p)
+            attention_mask[r, width - len(p):] = 1
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(input_ids, attention_mask, position_ids, cache)
+
+        select = torch.tensor(row_of)
+        if len(unique) < len(prompts):
+            cache.batch_select_indices(select)
+        logits, attention_mask = logits[select], attention_mask[select]
+        next_pos = position_ids[select, -1] + 1  # [A]
+
+        batch = len(prompts)
+        tokens: list[list[int]] = [[] for _ in range(batch)]
+        logprobs: list[list[float]] = [[] for _ in range(batch)]
+        finish: list[str | None] = [None] * batch
+        active = list(range(batch))  # rows of `prompts` still generating, in cache order
+        stop_window = max((len(s) for s in params.stop), default=0) + _STOP_WINDOW_SLACK
+        for step in range(params.max_new_tokens):
+            sampled, sampled_lp = sample_tokens(logits, params, generator)
+            for row, token, lp in zip(active, sampled.tolist(), sampled_lp.tolist()):
+                tokens[row].append(token)
+                logprobs[row].append(lp)
+                if token in self.eos_ids or (params.stop and self._hits_stop(tokens[row], params.stop, stop_window)):
+                    finish[row] = "stop"
+            keep = [j for j, row in enumerate(active) if finish[row] is None]
+            if not keep or step == params.max_new_tokens - 1:
+                break
+            if len(keep) < len(active):
+                index = torch.tensor(keep)
+                cache.batch_select_indices(index)
+                sampled, attention_mask, next_pos = sampled[index], attention_mask[index], next_pos[index]
+                active = [active[j] for j in keep]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(active), 1)], dim=1)
+            logits = self._forward(sampled[:, None], attention_mask, next_pos[:, None], cache)
+            next_pos = next_pos + 1
+
+        return [
+            Completion(
+                token_ids=tuple(tokens[r]),
+                logprobs=tuple(logprobs[r]),
+                text=self.tokenizer.decode(tokens[r], skip_special_tokens=True),
+                finish_reason=finish[r] or "length",
+                policy_version=self.policy_version,
+            )
+            for r in range(batch)
+        ]
+
+    def _hits_stop(self, tokens: list[int], stop: Sequence[str], window: int) -> bool:
+        tail = self.tokenizer.decode(tokens[-window:], skip_special_tokens=True)
+        return any(s in tail for s in stop)
+
+    # ------------------------------------------------------------------ weights
+
+    @torch.no_grad()
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Copy ``(HF name, tensor)`` pairs into the model in place, then serve ``version``.
+
+        Names are those of ``model.state_dict()``; with tied embeddings either name
+        of the tied pair may be sent (or both). Every parameter must be covered.
+        The iterator is always consumed to the end, even on error, so a streaming
+        sender (``rlpost.weight_sync``) is never left waiting; the error is raised
+        afterwards and the engine refuses to generate until a good update arrives.
+        """
+        state = self.model.state_dict(keep_vars=True)
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        updated: set[int] = set()  # storage addresses of updated parameters
+        error: str | None = None
+        received = 0
+        self._weights_ok = False
+        for name, tensor in weights:
+            received += 1
+            if error is not None:
+                continue  # drain
+            target = state.get(name)
+            if target is None:
+                close = difflib.get_close_matches(name, state.keys(), n=3)
+                error = f"unknown weight name {name!r}" + (f"; did you mean {close}?" if close else "")
+            elif tuple(tensor.shape) != tuple(target.shape):
+                error = f"weight {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}"
+            else:
+                target.data.copy_(tensor.to(device=target.device, dtype=target.dtype))
+                updated.add(target.data_ptr())
+        if error is None:
+            if received == 0:
+                error = "received no tensors"
+            else:
+                missing = sorted(n for n, p in params.items() if p.data_ptr() not in updated)
+                if missing:
+                    error = f"{len(missing)} parameters were not sent, e.g. {missing[:3]}"
+        if error is not None:
+            raise ModelError(f"update_weights to version {version} failed: {error}. "
+                             f"Weight names must match the rollout model's state_dict.")
+        self._weights_ok = True
+        self.policy_version = version
+
+
+def sample_tokens(logits: torch.Tensor, params: SamplingParams,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row of ``logits`` [B, V] (float32) and its log-prob under the
+    distribution it was drawn from. Returns ``(tokens [B] long, logprobs [B] float32)``."""
+    if params.greedy:
+        tokens = logits.argmax(dim=-1)
+        logprobs = torch.log_softmax(logits, dim=-1)
+    else:
+        logits = logits / params.temperature
+        if 0 < params.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if params.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+            probs = torch.softmax(sorted_logits, dim=-1)
+            # Drop a token when the more likely ones already reach top_p; the most
+            # likely token always survives.
+            drop = (probs.cumsum(dim=-1) - probs) >= params.top_p
+            logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        logprobs = torch.log_softmax(logits, dim=-1)
+        tokens = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)
+    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def _check_params(params: SamplingParams) -> None:
+    if params.n < 1:
+        raise ValueError(f"SamplingParams.n must be >= 1, got {params.n}")
+    if params.max_new_tokens < 1:
+        raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {params.max_new_tokens}")
+    if params.temperature < 0:
+        raise ValueError(f"SamplingParams.temperature must be >= 0 (0 = greedy), got {params.temperature}")
+    if not 0 < params.top_p <= 1:
+        raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {params.top_p}")
+    if any(not s for s in params.stop):
+        raise ValueError("SamplingParams.stop must not contain an empty string")
+
+
+def _eos_ids(tokenizer, model) -> frozenset[int]:
+    ids: set[int] = set()
+    for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None),
+                  getattr(model.config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
