@@ -1,6 +1,7 @@
 """The GRPO controller: wires the components and drives them, one step at a time.
 
-Components never reference the controller. Synchronous schedule: rollouts of step
+Components never reference the controller, and the controller never touches Ray:
+it calls typed methods of the groups it is handed (``rlpost.workers`` on a cluster). Synchronous schedule: rollouts of step
 ``s`` are sampled by policy version ``s - 1`` (the weights after ``s - 1`` updates);
 after the update the trainer pushes version ``s`` to every replica before step
 ``s + 1`` samples again, so every trained token is exactly on-policy.
@@ -24,7 +25,6 @@ from rlpost.errors import TrainingError, WorkerError
 from rlpost.evaluation import evaluate
 from rlpost.tracking import Tracker
 from rlpost.types import PromptSample, SamplingParams, TrainBatch, Trajectory
-from rlpost.workers.cluster import wait
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +46,17 @@ class Timer(dict):
 
 
 class Controller:
-    def __init__(self, cfg: RunConfig, *, trainer, rollout, rewards, stream: PromptStream,
+    def __init__(self, cfg: RunConfig, *, trainer, rollout, rewards, weight_sync, stream: PromptStream,
                  val_samples: list[PromptSample], tracker: Tracker, checkpoints: CheckpointManager,
                  pad_id: int, use_reference: bool):
         self.cfg, self.trainer, self.rollout, self.rewards = cfg, trainer, rollout, rewards
+        self.weight_sync = weight_sync
         self.stream, self.val_samples, self.tracker, self.checkpoints = stream, val_samples, tracker, checkpoints
         self.pad_id, self.use_reference = pad_id, use_reference
         self.loss_fn = functools.partial(grpo_loss, cfg.algorithm)
         self.advantage_fn = ADVANTAGE_ESTIMATORS[cfg.algorithm.adv_estimator]
         self.policy_version = 0
         self._warned_length_cap = False
-        self._connect_weight_sync()
 
     # ------------------------------------------------------------------ loop
     def run(self, start_step: int = 0) -> dict:
@@ -195,17 +195,9 @@ class Controller:
         return metrics
 
     # ---------------------------------------------------------- weights
-    def _connect_weight_sync(self) -> None:
-        world = 1 + self.rollout.size
-        host, port = self.trainer.weight_sync_init(world)
-        refs = [self.trainer.weight_sync_connect(), *self.rollout.weight_sync_connect(host, port, world)]
-        wait(refs, self.cfg.weight_sync.timeout_s, "weight sync connect")
-
     def sync_weights(self, version: int) -> None:
         """Broadcast the trainer's weights to every replica; afterwards all serve ``version``."""
-        plan = self.trainer.weight_plan()
-        refs = self.trainer.send_weights(version) + self.rollout.receive_weights(plan, version)
-        wait(refs, self.cfg.weight_sync.timeout_s, "weight sync")
+        self.weight_sync.push(version)
         self.policy_version = version
 
     # ------------------------------------------------------ eval & save

@@ -40,6 +40,7 @@ def run(cfg: RunConfig) -> dict:
     from rlpost.workers.reward_pool import RewardPool
     from rlpost.workers.rollout_group import RolloutGroup
     from rlpost.workers.trainer_group import TrainerGroup
+    from rlpost.workers.weight_sync_link import WeightSyncLink
 
     torch.set_num_threads(1)
     out = Path(cfg.output_dir)
@@ -72,8 +73,10 @@ def run(cfg: RunConfig) -> dict:
         groups.append(rollout)
         rewards = RewardPool(cfg.reward)
         groups.append(rewards)
+        weight_sync = WeightSyncLink(trainer, rollout, cfg.weight_sync.timeout_s)
         stream = PromptStream(train, cfg.data.train_batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
-        controller = Controller(cfg, trainer=trainer, rollout=rollout, rewards=rewards, stream=stream,
+        controller = Controller(cfg, trainer=trainer, rollout=rollout, rewards=rewards,
+                                weight_sync=weight_sync, stream=stream,
                                 val_samples=val, tracker=tracker, checkpoints=checkpoints,
                                 pad_id=tokenizer.pad_token_id, use_reference=use_reference)
         start_step = 0

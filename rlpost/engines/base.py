@@ -26,8 +26,10 @@ class TrainEngine(Protocol):
     All methods are collective: every rank of the group calls them together.
     """
 
-    def forward_logprobs(self, batch: TrainBatch, *, with_entropy: bool = False) -> ModelOutput:
-        """Log-probs of ``batch.input_ids`` under the current weights, no gradient."""
+    def forward_logprobs(self, batch: TrainBatch, *, with_entropy: bool = False,
+                         micro_batch_size: int | None = None) -> ModelOutput:
+        """Log-probs of ``batch.input_ids`` under the current weights, no gradient,
+        ``micro_batch_size`` rows per forward (None: the engine's default)."""
 
     def train_step(self, batch: TrainBatch, loss_fn: LossFn, micro_batch_size: int) -> dict[str, float]:
         """One optimizer step on this rank's shard, accumulated over micro-batches.
@@ -44,8 +46,9 @@ class TrainEngine(Protocol):
 
     def load(self, path: str) -> None: ...
 
-    def export_hf(self, path: str) -> None:
-        """Write an HF folder (config, weights, tokenizer) that transformers loads."""
+    def export_hf(self, path: str, tokenizer_path: str | None = None) -> None:
+        """Write an HF folder (config, weights, tokenizer from ``tokenizer_path``,
+        default the source model folder) that transformers loads."""
 
 
 class RolloutEngine(Protocol):

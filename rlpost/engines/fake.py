@@ -149,8 +149,13 @@ class FakeTrainEngine:
         return ModelOutput(logprobs=logprobs, entropy=entropy)
 
     @torch.no_grad()
-    def forward_logprobs(self, batch: TrainBatch, *, with_entropy: bool = False) -> ModelOutput:
-        return self._forward(batch, with_entropy)
+    def forward_logprobs(self, batch: TrainBatch, *, with_entropy: bool = False,
+                         micro_batch_size: int | None = None) -> ModelOutput:
+        parts = [self._forward(mb, with_entropy) for mb in batch.chunks(micro_batch_size or max(batch.size, 1))]
+        if not parts:
+            return self._forward(batch, with_entropy)
+        return ModelOutput(logprobs=torch.cat([p.logprobs for p in parts]),
+                           entropy=torch.cat([p.entropy for p in parts]) if with_entropy else None)
 
     def train_step(self, batch: TrainBatch, loss_fn: LossFn, micro_batch_size: int) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
@@ -185,7 +190,8 @@ class FakeTrainEngine:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
 
-    def export_hf(self, path: str) -> None:
+    def export_hf(self, path: str, tokenizer_path: str | None = None) -> None:
+        # tokenizer_path is accepted for the TrainEngine signature; a bigram has no tokenizer.
         self.save(path)
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump({"model_type": "rlpost-fake-bigram", "vocab_size": self.vocab_size,

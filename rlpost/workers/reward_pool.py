@@ -7,6 +7,7 @@ from __future__ import annotations
 import ray
 
 from rlpost.config.schema import RewardConfig
+from rlpost.sharding import split_contiguous
 from rlpost.types import Reward
 from rlpost.workers.cluster import wait
 
@@ -40,10 +41,7 @@ class RewardPool:
 
     def score(self, items: list[RewardItem]) -> list[Reward]:
         """One Reward per item, in order; items are split across the actors."""
-        if not items:
-            return []
-        chunk = -(-len(items) // len(self.actors))
-        parts = [items[i : i + chunk] for i in range(0, len(items), chunk)]
+        parts = split_contiguous(items, len(self.actors))
         refs = [actor.score.remote(part) for actor, part in zip(self.actors, parts)]
         return [r for result in wait(refs, None, "reward scoring") for r in result]
 

@@ -12,6 +12,7 @@ import ray
 import torch
 
 from rlpost.config.schema import RunConfig
+from rlpost.sharding import replica_sampling_params, split_contiguous
 from rlpost.types import Completion, SamplingParams
 from rlpost.workers.cluster import wait
 
@@ -60,14 +61,9 @@ class RolloutGroup:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         """``params.n`` completions per prompt, in prompt order (split across replicas)."""
-        if not prompts:
-            return []
-        chunk = -(-len(prompts) // self.size)
-        parts = [prompts[i : i + chunk] for i in range(0, len(prompts), chunk)]
-        # Distinct per-replica seeds keep replicas from sampling identical tokens for
-        # the same seed, while staying reproducible for a given step.
+        parts = split_contiguous(prompts, self.size)
         refs = [
-            actor.generate.remote(part, params if params.seed is None else _reseed(params, i))
+            actor.generate.remote(part, replica_sampling_params(params, i))
             for i, (actor, part) in enumerate(zip(self.actors, parts))
         ]
         return [group for result in wait(refs, None, "rollout.generate") for group in result]
@@ -89,9 +85,3 @@ class RolloutGroup:
             pass
         for actor in self.actors:
             ray.kill(actor)
-
-
-def _reseed(params: SamplingParams, replica: int) -> SamplingParams:
-    from dataclasses import replace
-
-    return replace(params, seed=params.seed * 1009 + replica)

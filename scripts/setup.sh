@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install rlpost with its test extras into it.
+# Safe to run again: it only installs what is missing.
+#   PYTHON=python3.11 bash scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+# torch first: on a CPU host this takes the CPU build (an unpinned torch pulled in as a
+# dependency may resolve to a multi-GB CUDA build). On a GPU host, install your CUDA
+# build of torch before running this script and it is kept.
+python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[test]"
+python -c "import rlpost, torch, ray, transformers; print(f'rlpost {rlpost.__version__} ready: torch {torch.__version__}, ray {ray.__version__}, transformers {transformers.__version__}')"
