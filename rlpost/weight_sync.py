@@ -14,16 +14,17 @@ blocks until all R + 1 ranks have joined, or raises ``WorkerError`` after
 ``timeout_s``.
 
 One sync, to policy version v:
-1. Plan. ``make_sync_plan(specs, version=v, bucket_mb)`` (or ``sender.plan``) turns
-   the ``(name, shape, dtype)`` list, e.g. ``FSDPEngine.weight_specs()``, into a
-   ``SyncPlan``: a small frozen, picklable layout. The driver hands the same plan to
-   every rank (through Ray); it carries the version.
-2. Concurrently:
-   - trainer rank 0: ``sender.send(engine.named_full_weights(), plan)``;
+1. Plan (once; again only if the weight names/shapes change). ``make_plan(specs,
+   bucket_mb)`` (or ``sender.plan(specs)``) turns the ``(name, shape, dtype)`` list,
+   e.g. ``FSDPEngine.named_weight_shapes()``, into a ``SyncPlan``: a small frozen,
+   picklable layout. The driver hands the same plan to every rank through Ray.
+2. Concurrently, with the same ``version`` everywhere:
+   - trainer rank 0: ``sender.send(engine.named_full_weights(), plan, v)``;
    - other trainer ranks: drain ``engine.named_full_weights()`` (it is collective);
-   - replica r: ``engine.update_weights(receiver.receive(plan), plan.version)``.
-3. Every rank first joins a handshake that compares the plans' versions and
-   layouts; on any mismatch *every* rank raises ``WorkerError`` (nothing is sent).
+   - replica r: ``engine.update_weights(receiver.receive(plan, v), v)``.
+3. Every rank first joins a handshake that compares versions and plan layouts; on
+   any mismatch *every* rank raises ``WorkerError`` and nothing is sent (the group
+   stays usable).
    Then buckets are broadcast in plan order. The sender waits for each broadcast
    to complete before filling the next bucket; a receiver waits for each bucket,
    then yields its tensors.
@@ -62,7 +63,7 @@ import torch.distributed as dist
 from rlpost.errors import WorkerError
 
 _ALIGN = 64  # byte alignment of tensors inside a bucket (any dtype can view there)
-_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_LOOPBACK = ("127.0.0.1", "localhost")
 
 
 @dataclass(frozen=True)
@@ -84,14 +85,14 @@ class Bucket:
 
 @dataclass(frozen=True)
 class SyncPlan:
-    """Layout of one sync: tensors in send order, packed into byte buckets."""
+    """Layout of a sync: tensors in send order, packed into byte buckets. Holds no
+    version; the same plan serves every sync while names and shapes stay put."""
 
-    version: int
     buckets: tuple[Bucket, ...]
 
     @cached_property
     def fingerprint(self) -> int:
-        """62-bit hash of the layout (not the version); equal plans have equal prints."""
+        """62-bit hash of the layout; equal plans have equal prints on every host."""
         text = repr([(s.name, s.shape, str(s.dtype), s.offset) for b in self.buckets for s in b.slots])
         return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 2
 
@@ -104,9 +105,7 @@ class SyncPlan:
         return sum(b.nbytes for b in self.buckets)
 
 
-def make_sync_plan(
-    specs: Iterable[tuple[str, Iterable[int], torch.dtype]], version: int, bucket_mb: float
-) -> SyncPlan:
+def make_plan(specs: Iterable[tuple[str, Iterable[int], torch.dtype]], bucket_mb: float = 64) -> SyncPlan:
     """Pack ``(name, shape, dtype)`` in the given order into buckets of at most
     ``bucket_mb`` MiB; dtypes may mix (buckets are bytes). A tensor larger than a
     bucket gets a bucket of its own."""
@@ -125,7 +124,7 @@ def make_sync_plan(
         used = offset + nbytes
     if slots:
         buckets.append(Bucket(used, tuple(slots)))
-    return SyncPlan(version=version, buckets=tuple(buckets))
+    return SyncPlan(buckets=tuple(buckets))
 
 
 class _Channel:
@@ -215,18 +214,24 @@ class _Endpoint:
             raise WorkerError(f"weight sync rank {self.rank}: {what} did not complete within "
                               f"{self.timeout_s}s (a peer died or never joined): {e}") from e
 
-    def _handshake(self, plan: SyncPlan) -> None:
+    def _handshake(self, plan: SyncPlan, version: int) -> None:
         """Every rank contributes (version, layout); all raise unless all agree."""
-        v, fp = plan.version, plan.fingerprint
+        v, fp = int(version), plan.fingerprint
         t = torch.tensor([v, -v, fp, -fp], dtype=torch.int64, device=self.device)
         self._collective(f"handshake for version {v}", _Channel.all_reduce_max, t)
         max_v, min_v, max_fp, min_fp = t[0].item(), -t[1].item(), t[2].item(), -t[3].item()
         if max_v != min_v:
-            raise WorkerError(f"weight sync version mismatch: ranks hold plans for versions {min_v}..{max_v} "
-                              f"(this rank: {v}); every rank must get the same SyncPlan")
+            raise WorkerError(f"weight sync version mismatch: ranks were asked for versions {min_v}..{max_v} "
+                              f"(this rank: {v}); every rank of one sync must be given the same version")
         if max_fp != min_fp:
             raise WorkerError(f"weight sync layout mismatch at version {v}: ranks hold different SyncPlans "
                               "(tensor names, shapes, dtypes or bucket size differ)")
+
+    def _abandon(self, reason: str) -> None:
+        """A sync stopped between buckets: the group is out of step for good."""
+        if self._channel is not None:
+            self._broken = reason
+            self.close()
 
     def close(self) -> None:
         if self._channel is not None:
@@ -248,21 +253,26 @@ class WeightSender(_Endpoint):
         self.bucket_mb = bucket_mb
         super().__init__(host, port, 0, world_size, timeout_s, device)
 
-    def plan(self, specs: Iterable[tuple[str, Iterable[int], torch.dtype]], version: int) -> SyncPlan:
-        return make_sync_plan(specs, version, self.bucket_mb)
+    def plan(self, specs: Iterable[tuple[str, Iterable[int], torch.dtype]]) -> SyncPlan:
+        """``make_plan`` with this sender's ``bucket_mb``."""
+        return make_plan(specs, self.bucket_mb)
 
-    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], plan: SyncPlan) -> None:
+    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], plan: SyncPlan, version: int) -> None:
         """Broadcast ``named_tensors`` (in plan order) to every receiver. Blocks until
         the last bucket is out. Always exhausts ``named_tensors``, even on failure."""
         it = iter(named_tensors)
         try:
-            self._handshake(plan)
-            for bucket in plan.buckets:
-                self._collective(f"bucket broadcast (version {plan.version})", _Channel.broadcast,
-                                 self._pack(bucket, it))
+            self._handshake(plan, version)
+            try:
+                for bucket in plan.buckets:
+                    self._collective(f"bucket broadcast (version {version})", _Channel.broadcast,
+                                     self._pack(bucket, it))
+            except BaseException as e:
+                self._abandon(f"send of version {version} stopped: {e!r}")
+                raise
             leftover = next(it, None)
             if leftover is not None:
-                raise WorkerError(f"weight sync: tensor {leftover[0]!r} is not in the plan for version {plan.version}")
+                raise WorkerError(f"weight sync: tensor {leftover[0]!r} is not in the plan (version {version})")
         finally:
             for _ in it:  # keep the trainer's collective iterator in step on all ranks
                 pass
@@ -274,7 +284,7 @@ class WeightSender(_Endpoint):
             if name != slot.name or tuple(tensor.shape) != slot.shape or tensor.dtype != slot.dtype:
                 got = "nothing" if name is None else f"{name!r} {tuple(tensor.shape)} {tensor.dtype}"
                 raise WorkerError(f"weight sync: plan expects {slot.name!r} {slot.shape} {slot.dtype}, "
-                                  f"the weights gave {got}; rebuild the plan from the engine's weight_specs()")
+                                  f"the weights gave {got}; rebuild the plan from the engine's named_weight_shapes()")
             data = _as_bytes(tensor.to(self.device))
             if len(bucket.slots) == 1:
                 return data  # zero-copy for tensors that fill a bucket alone
@@ -293,17 +303,21 @@ class WeightReceiver(_Endpoint):
             raise ValueError(f"receiver rank must be in 1..{world_size - 1}, got {rank}")
         super().__init__(host, port, rank, world_size, timeout_s, device)
 
-    def receive(self, plan: SyncPlan) -> Iterator[tuple[str, torch.Tensor]]:
+    def receive(self, plan: SyncPlan, version: int) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(name, tensor)`` in plan order as buckets arrive. Lazy: nothing
         happens until iteration starts, and it must be iterated to the end."""
-        self._handshake(plan)
-        for bucket in plan.buckets:
-            buffer = torch.empty(bucket.nbytes, dtype=torch.uint8, device=self.device)
-            self._collective(f"bucket receive (version {plan.version})", _Channel.broadcast, buffer)
-            for slot in bucket.slots:
-                view = buffer[slot.offset: slot.offset + slot.nbytes].view(slot.dtype)
-                yield slot.name, view.view(slot.shape)
-            del buffer
+        self._handshake(plan, version)
+        try:
+            for bucket in plan.buckets:
+                buffer = torch.empty(bucket.nbytes, dtype=torch.uint8, device=self.device)
+                self._collective(f"bucket receive (version {version})", _Channel.broadcast, buffer)
+                for slot in bucket.slots:
+                    view = buffer[slot.offset: slot.offset + slot.nbytes].view(slot.dtype)
+                    yield slot.name, view.view(slot.shape)
+                del buffer
+        except BaseException as e:  # includes GeneratorExit: an abandoned iterator
+            self._abandon(f"receive of version {version} stopped: {e!r}")
+            raise
 
 
 def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:

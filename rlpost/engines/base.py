@@ -35,8 +35,14 @@ class TrainEngine(Protocol):
         """One optimizer step on this rank's shard, accumulated over micro-batches.
 
         Returns the loss_fn metrics summed over micro-batches (not yet over ranks),
-        plus ``grad_norm`` (global, identical on every rank) and ``lr``.
+        plus ``grad_norm``, ``lr`` and ``skipped`` (1.0 when a non-finite loss or
+        gradient made the engine skip the update), which are global: identical on
+        every rank.
         """
+
+    def named_weight_shapes(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """(name, full shape, dtype) of every tensor ``named_full_weights`` yields,
+        in the same order; local, not collective (plans the weight sync)."""
 
     def named_full_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Full (unsharded) tensors in HF naming, one at a time. Collective; only

@@ -2,7 +2,7 @@
 
 Runs inside a process whose default ``torch.distributed`` group is already
 initialised (gloo on CPU, nccl on GPU); world size 1 works too. Every public method
-except ``weight_specs`` is collective: all ranks call it together, in the same order,
+except ``named_weight_shapes`` is collective: all ranks call it together, in the same order,
 or the group hangs.
 
 Sharding: ``fully_shard`` on every decoder layer (``model._no_split_modules``) and on
@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
-    set_state_dict,
+    set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -110,6 +110,7 @@ class FSDPEngine:
         trainer_cfg: TrainerConfig | None,
         trainable: bool = True,
         seed: int = 0,
+        logit_temperature: float = 1.0,
     ) -> None:
         if not dist.is_initialized():
             raise RuntimeError("FSDPEngine needs torch.distributed initialised first (gloo on CPU, nccl on GPU)")
@@ -123,6 +124,11 @@ class FSDPEngine:
             torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
         )
         self.model_path = model_path
+        # Logits are divided by the sampling temperature so that the trainer scores
+        # tokens under the distribution the rollout engine drew them from; otherwise
+        # the PPO ratio is biased at any temperature but 1. (top-p/top-k truncation is
+        # not replayed: the ratio uses the full tempered softmax, as verl does.)
+        self.logit_temperature = logit_temperature if logit_temperature > 0 else 1.0
         self.dtype = _DTYPES[model_cfg.dtype]  # dtype weights leave the engine in
         # bf16 training keeps fp32 master weights; see module docstring.
         master_dtype = torch.float32 if trainable else self.dtype
@@ -195,6 +201,8 @@ class FSDPEngine:
         # Right padding: real tokens sit at 0..len-1; pads get clamped positions.
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
         logits = self.model(input_ids=mb.input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+        if self.logit_temperature != 1.0:
+            logits = logits / self.logit_temperature
         return sequence_logprobs(logits, mb.input_ids, mask, with_entropy)
 
     def _micro_batches(self, batch: TrainBatch, size: int) -> list[TrainBatch | None]:
@@ -294,7 +302,7 @@ class FSDPEngine:
         return float(norm.item())
 
     # -------------------------------------------------------------- weights
-    def weight_specs(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    def named_weight_shapes(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """(HF name, full shape, dtype) of what ``named_full_weights`` yields, in order.
         Local, not collective: what a weight-sync plan is built from."""
         return [(name, tuple(t.shape), self.dtype if t.is_floating_point() else t.dtype)
@@ -332,25 +340,36 @@ class FSDPEngine:
         dist.barrier()
 
     def load(self, path: str) -> None:
-        """Inverse of ``save``, from any world size: rank 0 reads, then broadcasts."""
-        model_sd, state = {}, {}
+        """Inverse of ``save``, from any world size: rank 0 reads, then broadcasts.
+        A missing or unreadable checkpoint raises ``ModelError`` on every rank."""
+        model_sd, state, error = {}, {}, None
         if self.rank == 0:
-            model_file = os.path.join(path, MODEL_FILE)
-            if not os.path.exists(model_file):
-                raise ModelError(f"{path!r} is not an FSDPEngine checkpoint: {MODEL_FILE} is missing")
-            model_sd = torch.load(model_file, map_location="cpu", weights_only=True, mmap=True)
-            if self.optimizer is not None:
-                state = torch.load(os.path.join(path, OPTIMIZER_FILE), map_location="cpu", weights_only=True, mmap=True)
+            try:
+                model_sd = torch.load(os.path.join(path, MODEL_FILE), map_location="cpu", weights_only=True, mmap=True)
+                if self.optimizer is not None:
+                    state = torch.load(os.path.join(path, OPTIMIZER_FILE), map_location="cpu", weights_only=True, mmap=True)
+            except (OSError, RuntimeError) as e:
+                error = f"{path!r} is not a readable FSDPEngine checkpoint ({MODEL_FILE}, {OPTIMIZER_FILE}): {e}"
+        box = [error]  # rank 0 alone read the files; the other ranks must not wait for it
+        dist.broadcast_object_list(box, src=0, device=self._object_device)
+        if box[0] is not None:
+            raise ModelError(box[0])
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        if self.optimizer is None:
-            set_model_state_dict(self.model, model_sd, options=options)
-        else:
-            set_state_dict(self.model, self.optimizer, model_state_dict=model_sd,
-                           optim_state_dict=state.get("optimizer", {}), options=options)
+        # Model and optimizer separately: torch 2.13's set_state_dict treats an empty
+        # model dict (what ranks > 0 pass with broadcast_from_rank0) as "optimizer
+        # only", skips the model broadcast there and desynchronises the group.
+        set_model_state_dict(self.model, model_sd, options=options)
+        if self.optimizer is not None:
+            set_optimizer_state_dict(self.model, self.optimizer, state.get("optimizer", {}), options=options)
             box = [state.get("scheduler")]
-            dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
+            dist.broadcast_object_list(box, src=0, device=self._object_device)
             self.scheduler.load_state_dict(box[0])
         dist.barrier()
+
+    @property
+    def _object_device(self) -> torch.device | None:
+        # NCCL moves pickled objects through the GPU; gloo through the CPU.
+        return self.device if self.device.type == "cuda" else None
 
     def export_hf(self, path: str, tokenizer_path: str | None = None) -> None:
         """Rank 0 writes an HF folder (config, ``model.safetensors`` in ``model.dtype``,

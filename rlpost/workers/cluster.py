@@ -20,6 +20,13 @@ ACTOR_ENV = {
 }
 
 
+def quiet_actor_logs() -> None:
+    """Per-actor model loading bars would interleave in the driver's output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def logical_cpus_needed(cfg: RunConfig) -> int:
     return cfg.trainer.world_size + cfg.rollout.replicas + cfg.reward.workers
 

@@ -14,7 +14,7 @@ import torch
 from rlpost.config.schema import RunConfig
 from rlpost.sharding import replica_sampling_params, split_contiguous
 from rlpost.types import Completion, SamplingParams
-from rlpost.workers.cluster import wait
+from rlpost.workers.cluster import quiet_actor_logs, wait
 
 
 @ray.remote
@@ -23,6 +23,7 @@ class RolloutActor:
         from rlpost.engines import make_rollout_engine
 
         torch.set_num_threads(1)
+        quiet_actor_logs()
         self.engine = make_rollout_engine(cfg, model_path, seed=cfg.seed + 1000 * replica)
         self.replica = replica
         self.receiver = None

@@ -15,7 +15,7 @@ import torch
 
 from rlpost.config.schema import RunConfig
 from rlpost.types import TrainBatch
-from rlpost.workers.cluster import free_port, wait
+from rlpost.workers.cluster import quiet_actor_logs, free_port, wait
 
 
 def _local_address() -> str:
@@ -30,8 +30,9 @@ class TrainerActor:
 
     def __init__(self, rank: int, world_size: int):
         self.rank, self.world_size = rank, world_size
-        self.policy = self.reference = self.sender = None
+        self.policy = self.reference = self.sender = self._listener = None
         torch.set_num_threads(1)
+        quiet_actor_logs()
 
     def rendezvous(self) -> tuple[str, int]:
         """Address and free port for the torch.distributed group (rank 0 only)."""
@@ -39,16 +40,20 @@ class TrainerActor:
         return host, free_port(host)
 
     def setup(self, cfg: RunConfig, model_path: str, master: tuple[str, int], with_reference: bool) -> None:
+        from rlpost.distributed import init_default_group
         from rlpost.engines.fsdp import FSDPEngine
 
+        # FSDP/transformers read these; the group itself is built from an explicit store.
         os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]),
                           RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend=backend, rank=self.rank, world_size=self.world_size)
+        self._listener = init_default_group(master[0], master[1], self.rank, self.world_size)
         torch.manual_seed(cfg.seed)
-        self.policy = FSDPEngine(model_path, cfg.model, cfg.trainer, trainable=True, seed=cfg.seed)
+        temperature = cfg.rollout.temperature
+        self.policy = FSDPEngine(model_path, cfg.model, cfg.trainer, trainable=True, seed=cfg.seed,
+                                 logit_temperature=temperature)
         if with_reference:
-            self.reference = FSDPEngine(model_path, cfg.model, None, trainable=False, seed=cfg.seed)
+            self.reference = FSDPEngine(model_path, cfg.model, None, trainable=False, seed=cfg.seed,
+                                        logit_temperature=temperature)
 
     def forward_logprobs(self, shard: TrainBatch, reference: bool, micro_batch_size: int) -> torch.Tensor:
         engine = self.reference if reference else self.policy
@@ -61,8 +66,6 @@ class TrainerActor:
     def weight_sync_init(self, world_size: int, timeout_s: float, bucket_mb: int) -> tuple[str, int] | None:
         if self.rank != 0:
             return None
-        from rlpost.weight_sync import WeightSender
-
         host = _local_address()
         port = free_port(host)
         self._sender_args = (host, port, world_size, timeout_s, bucket_mb)
@@ -76,9 +79,7 @@ class TrainerActor:
             self.sender = WeightSender(*self._sender_args)
 
     def weight_plan(self):
-        from rlpost.weight_sync import make_plan
-
-        return make_plan(self.policy.named_weight_shapes()) if self.rank == 0 else None
+        return self.sender.plan(self.policy.named_weight_shapes()) if self.rank == 0 else None
 
     def send_weights(self, plan, version: int) -> None:
         weights = self.policy.named_full_weights()
@@ -98,10 +99,11 @@ class TrainerActor:
         self.policy.export_hf(path, tokenizer_path)
 
     def shutdown(self) -> None:
+        from rlpost.distributed import destroy_default_group
+
         if self.sender is not None:
             self.sender.close()
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        destroy_default_group(self._listener)
 
 
 class TrainerGroup:

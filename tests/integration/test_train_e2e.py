@@ -2,6 +2,7 @@
 model, FSDP2 trainer, HF rollout engine and reward pool; then a resume."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -45,7 +46,9 @@ def test_two_steps_through_ray_then_resume(tmp_path):
     for row in rows[1:]:
         missing = [k for k in CONTRACT_KEYS if k not in row]
         assert not missing, missing
-        assert row["policy/grad_norm"] > 0
+        assert math.isfinite(row["policy/grad_norm"]) and row["policy/skipped"] == 0.0
+        assert 0.0 <= row["reward/mean"] <= 1.0
+        assert row["rollout/policy_version"] == row["step"] - 1
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_000002"
 
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -1,0 +1,193 @@
+"""Weight sync over its own gloo group: one sender, two receivers, separate processes."""
+
+from __future__ import annotations
+
+import socket
+import time
+import traceback
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from rlpost.errors import WorkerError
+from rlpost.weight_sync import WeightReceiver, WeightSender, make_plan
+
+HOST = "127.0.0.1"
+TIMEOUT_S = 20.0
+# Mixed shapes and dtypes: a 0-d tensor, an odd-sized bf16, an int tensor, and one
+# tensor (40 KiB) larger than the 32 KiB bucket, which must travel alone.
+SPECS = [
+    ("embed.weight", (64, 32), torch.float32),  # 8 KiB
+    ("layer.0.scale", (), torch.float32),
+    ("layer.0.w", (33, 7), torch.bfloat16),
+    ("layer.0.big", (80, 128), torch.float32),  # 40 KiB
+    ("layer.1.idx", (5,), torch.int64),
+    ("layer.1.w", (96, 64), torch.float32),  # 24 KiB
+    ("norm.weight", (32,), torch.bfloat16),
+]
+BUCKET_MB = 32 / 1024
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _weights(version: int) -> list[tuple[str, torch.Tensor]]:
+    """Deterministic per-version tensors, so every process can rebuild the expected ones."""
+    g = torch.Generator().manual_seed(1000 + version)
+    out = []
+    for name, shape, dtype in SPECS:
+        if dtype.is_floating_point:
+            t = torch.randn(shape, generator=g).to(dtype)
+        else:
+            t = torch.randint(-(2**40), 2**40, shape, generator=g, dtype=dtype)
+        out.append((name, t))
+    return out
+
+
+def _sender(port, world, plan, versions, results):
+    torch.set_num_threads(1)
+    try:
+        with WeightSender(HOST, port, world, timeout_s=TIMEOUT_S, bucket_mb=BUCKET_MB) as sender:
+            for version in versions:
+                try:
+                    sender.send(iter(_weights(version)), plan, version)
+                    results.put(("sender", version, "ok"))
+                except WorkerError as e:
+                    results.put(("sender", version, f"WorkerError: {e}"))
+    except BaseException:
+        results.put(("sender", None, traceback.format_exc()))
+
+
+def _receiver(port, rank, world, plan, versions, results):
+    torch.set_num_threads(1)
+    try:
+        with WeightReceiver(HOST, port, rank, world, timeout_s=TIMEOUT_S) as receiver:
+            for version in versions:
+                try:
+                    got = [(name, t.clone()) for name, t in receiver.receive(plan, version)]
+                except WorkerError as e:
+                    results.put((f"receiver{rank}", version, f"WorkerError: {e}"))
+                    continue
+                expected = _weights(version)
+                same = [n for (n, t), (m, e) in zip(got, expected)
+                        if n == m and t.dtype == e.dtype and t.shape == e.shape and torch.equal(t, e)]
+                ok = len(got) == len(expected) == len(same)
+                results.put((f"receiver{rank}", version, "ok" if ok else f"mismatch: {len(same)}/{len(expected)} equal"))
+    except BaseException:
+        results.put((f"receiver{rank}", None, traceback.format_exc()))
+
+
+def _run(targets: list[tuple], expected_messages: int, timeout_s: float = 60.0) -> list[tuple]:
+    """Start one process per (fn, args), collect ``expected_messages`` results, and
+    always reap the processes we started."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=fn, args=(*args, results), daemon=True) for fn, args in targets]
+    for p in procs:
+        p.start()
+    out = []
+    try:
+        deadline = time.monotonic() + timeout_s
+        while len(out) < expected_messages:
+            out.append(results.get(timeout=max(0.1, deadline - time.monotonic())))
+        for p in procs:
+            p.join(timeout=max(0.1, deadline - time.monotonic()))
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+    return out
+
+
+def test_plan_buckets_respect_size_and_order():
+    plan = make_plan(SPECS, bucket_mb=BUCKET_MB)
+    limit = 32 * 1024
+    assert [s.name for b in plan.buckets for s in b.slots] == [name for name, _, _ in SPECS]
+    # By hand, 64-byte aligned: 8192 + 4 + 462 B fit one 32 KiB bucket; the 40 KiB tensor
+    # goes alone; then 40 + 24576 + 64 B (ending at 24704) share the last one.
+    assert [[s.name for s in b.slots] for b in plan.buckets] == [
+        ["embed.weight", "layer.0.scale", "layer.0.w"],
+        ["layer.0.big"],
+        ["layer.1.idx", "layer.1.w", "norm.weight"],
+    ]
+    for bucket in plan.buckets:
+        assert bucket.nbytes <= limit or len(bucket.slots) == 1
+        assert all(s.offset % 64 == 0 for s in bucket.slots)
+        assert max(s.offset + s.nbytes for s in bucket.slots) == bucket.nbytes
+    assert plan.buckets[1].nbytes == 80 * 128 * 4
+    assert make_plan(SPECS, BUCKET_MB).fingerprint == plan.fingerprint
+    assert make_plan(SPECS, 1.0).fingerprint != plan.fingerprint
+
+
+def test_two_receivers_get_identical_tensors_and_version_mismatch_fails_everywhere():
+    port, world = _free_port(), 3
+    plan = make_plan(SPECS, bucket_mb=BUCKET_MB)
+    # Sync 1: everyone at version 1. Sync 2: receiver 2 is asked for a stale version 1
+    # while the others are at version 2. Sync 3: everyone at version 3, which shows a
+    # refused handshake leaves the group usable.
+    results = _run([
+        (_sender, (port, world, plan, [1, 2, 3])),
+        (_receiver, (port, 1, world, plan, [1, 2, 3])),
+        (_receiver, (port, 2, world, plan, [1, 1, 3])),
+    ], expected_messages=9)
+    msgs: dict[str, list] = {}
+    for who, version, msg in results:
+        assert version is not None, msg  # a crash, with its traceback
+        msgs.setdefault(who, []).append((version, msg))
+    for who in ("sender", "receiver1", "receiver2"):
+        first, second, third = msgs[who]
+        assert first == (1, "ok"), (who, first)
+        assert second[1].startswith("WorkerError") and "version mismatch" in second[1], (who, second)
+        assert "versions 1..2" in second[1], (who, second)
+        assert third == (3, "ok"), (who, third)
+
+
+def _silent_sender(port, world, hold_s, results):
+    """Joins the group, never sends, stays alive while the receiver waits."""
+    torch.set_num_threads(1)
+    try:
+        with WeightSender(HOST, port, world, timeout_s=TIMEOUT_S, bucket_mb=BUCKET_MB):
+            results.put(("sender", 0, "joined"))
+            time.sleep(hold_s)
+    except BaseException:
+        results.put(("sender", None, traceback.format_exc()))
+
+
+def _timing_receiver(port, world, timeout_s, results):
+    torch.set_num_threads(1)
+    plan = make_plan(SPECS, bucket_mb=BUCKET_MB)
+    try:
+        receiver = WeightReceiver(HOST, port, 1, world, timeout_s=timeout_s)
+    except BaseException:
+        results.put(("receiver1", None, traceback.format_exc()))
+        return
+    start = time.monotonic()
+    try:
+        list(receiver.receive(plan, 1))
+        results.put(("receiver1", 1, "received without a sender"))
+    except WorkerError as e:
+        results.put(("receiver1", 1, f"WorkerError after {time.monotonic() - start:.1f}s: {e}"))
+    except BaseException:
+        results.put(("receiver1", None, traceback.format_exc()))
+    finally:
+        receiver.close()
+
+
+def test_receiver_times_out_with_worker_error_when_sender_never_sends():
+    port = _free_port()
+    results = _run([(_silent_sender, (port, 2, 6.0)), (_timing_receiver, (port, 2, 2.0))], expected_messages=2)
+    msg = dict((who, msg) for who, _, msg in results)["receiver1"]
+    assert msg.startswith("WorkerError after"), msg
+    assert float(msg.split("after ")[1].split("s:")[0]) < 6.0
+
+
+def test_receiver_without_sender_fails_to_join_with_worker_error():
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match="could not join"):
+        WeightReceiver(HOST, _free_port(), 1, 2, timeout_s=1.0)
+    assert time.monotonic() - start < 10.0
