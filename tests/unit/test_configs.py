@@ -2,6 +2,7 @@
 input fails with a message that names the key."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import yaml
@@ -100,3 +101,10 @@ def test_logger_multi_select():
     cfg = load_config(["logger=[console,jsonl,wandb]", "logger.wandb.project=p"])
     assert cfg.logger.wandb.project == "p" and cfg.logger.jsonl is not None
     assert load_config(["logger=[jsonl]"]).logger.console is None
+
+
+def test_configuration_doc_names_every_key():
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    flat = {k for k in _dataclass_keys(RunConfig) if not k.startswith("logger")}
+    missing = sorted(k for k in flat if k.split(".")[-1] not in doc)
+    assert not missing, f"docs/configuration.md does not mention {missing}"
