@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from rlpost.algorithms import count_sequences
 from rlpost.types import TrainBatch, Trajectory
 
 
@@ -25,7 +26,8 @@ def build_train_batch(trajectories: list[Trajectory], advantages: list[float], p
             loss_mask[i, p : p + c] = 1.0
         adv[i, p : p + c] = a
     return TrainBatch(input_ids=input_ids, attention_mask=attention, loss_mask=loss_mask,
-                      advantages=adv, global_num_tokens=float(loss_mask.sum()))
+                      advantages=adv, global_num_tokens=float(loss_mask.sum()),
+                      global_num_seqs=count_sequences(loss_mask))
 
 
 def sampler_logprobs(trajectories: list[Trajectory], like: torch.Tensor) -> torch.Tensor:

@@ -9,14 +9,12 @@ after the update the trainer pushes version ``s`` to every replica before step
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 
 import torch
 
-from rlpost.algorithms import ADVANTAGE_ESTIMATORS
-from rlpost.algorithms.grpo import grpo_loss
+from rlpost.algorithms import count_sequences, make_advantage_fn, make_policy_loss_fn
 from rlpost.batching import build_train_batch, sampler_logprobs
 from rlpost.checkpoint import CheckpointManager, ControllerState
 from rlpost.config.schema import RunConfig
@@ -53,8 +51,8 @@ class Controller:
         self.weight_sync = weight_sync
         self.stream, self.val_samples, self.tracker, self.checkpoints = stream, val_samples, tracker, checkpoints
         self.pad_id, self.use_reference = pad_id, use_reference
-        self.loss_fn = functools.partial(grpo_loss, cfg.algorithm)
-        self.advantage_fn = ADVANTAGE_ESTIMATORS[cfg.algorithm.adv_estimator]
+        self.loss_fn = make_policy_loss_fn(cfg.algorithm, max_response_len=cfg.rollout.max_new_tokens)
+        self.advantage_fn = make_advantage_fn(cfg.algorithm)
         self.policy_version = 0
         self._warned_length_cap = False
 
@@ -90,7 +88,7 @@ class Controller:
             trajectories = self._score(prompts, groups)
         # 4. Group-normalised advantages; failed samples take no part in group statistics.
         rewards, valid = self._reward_matrix(trajectories, len(prompts))
-        advantages = self.advantage_fn(rewards, valid, norm_by_std=self.cfg.algorithm.norm_adv_by_std)
+        advantages = self.advantage_fn(rewards, valid)
         batch = build_train_batch(trajectories, advantages.flatten().tolist(), self.pad_id)
         if batch.global_num_tokens == 0:
             raise TrainingError(f"step {step}: no trainable tokens (every reward failed?)")
@@ -152,6 +150,7 @@ class Controller:
             for part in order.chunk(tc.mini_batches):
                 mini = batch.select(part).trim()
                 mini.global_num_tokens = float(mini.loss_mask.sum())
+                mini.global_num_seqs = count_sequences(mini.loss_mask)
                 if mini.global_num_tokens == 0:
                     continue
                 metrics = self.trainer.train_step(mini, self.loss_fn)

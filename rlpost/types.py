@@ -95,6 +95,8 @@ class TrainBatch:
     # Number of trained tokens across the whole step (all micro-batches, all ranks);
     # losses divide by it so that splitting a batch never changes the gradient.
     global_num_tokens: float = 0.0
+    # Rows with at least one trained token across the whole step (sequence-mean losses).
+    global_num_seqs: float = 0.0
 
     @property
     def size(self) -> int:

@@ -120,16 +120,27 @@ class AlgorithmConfig:
     norm_adv_by_std: bool = True  # False gives Dr.GRPO-style mean-only centring
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
+    policy_loss: str = "ppo_clip"  # ppo_clip | gspo | cispo
+    dual_clip_c: float | None = None  # dual-clip bound for negative advantages (ppo_clip), > 1
     loss_agg: str = "token-mean"
+    loss_norm_len: int = 0  # constant of seq-mean-token-sum-norm; 0 = rollout.max_new_tokens
     kl_coef: float = 0.0  # > 0 adds a KL-to-reference loss term and loads the reference
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
 
     def check(self) -> None:
-        from rlpost.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS
+        from rlpost.algorithms import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 
-        _require(self.adv_estimator in ADVANTAGE_ESTIMATORS, "algorithm.adv_estimator",
-                 f"must be one of {sorted(ADVANTAGE_ESTIMATORS)}, got {self.adv_estimator!r}")
+        # Estimators the controller drives today; remax (greedy baseline rollout) and
+        # gae (critic) need extra stages and are accepted once those exist.
+        runnable = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+        _require(self.adv_estimator in runnable, "algorithm.adv_estimator",
+                 f"must be one of {list(runnable)}, got {self.adv_estimator!r}")
+        _require(self.policy_loss in POLICY_LOSSES, "algorithm.policy_loss",
+                 f"must be one of {sorted(POLICY_LOSSES)}, got {self.policy_loss!r}")
+        _require(self.dual_clip_c is None or (self.dual_clip_c > 1 and self.policy_loss == "ppo_clip"),
+                 "algorithm.dual_clip_c", "must be null, or > 1 with policy_loss=ppo_clip")
+        _require(self.loss_norm_len >= 0, "algorithm.loss_norm_len", "must be >= 0 (0 = rollout.max_new_tokens)")
         _require(self.kl_estimator in KL_ESTIMATORS, "algorithm.kl_estimator",
                  f"must be one of {sorted(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
         _require(self.loss_agg in LOSS_AGGREGATIONS, "algorithm.loss_agg",
