@@ -8,25 +8,23 @@ from rlpost.algorithms import count_sequences
 from rlpost.types import TrainBatch, Trajectory
 
 
-def build_train_batch(trajectories: list[Trajectory], advantages: list[float], pad_id: int) -> TrainBatch:
+def build_train_batch(trajectories: list[Trajectory], pad_id: int) -> TrainBatch:
     """Right-padded ``[B, T]`` tensors. ``loss_mask`` covers the completion tokens;
-    ``advantages`` (one scalar per trajectory, outcome reward) is broadcast over them.
-    Trajectories whose reward failed get an all-zero loss mask."""
+    trajectories whose reward failed get an all-zero loss mask. Advantages are set
+    later (``with_outcome_advantages``), once the KL terms they may need exist."""
     lengths = [len(t.prompt.prompt_ids) + len(t.completion.token_ids) for t in trajectories]
     rows, width = len(trajectories), max(lengths)
     input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
     attention = torch.zeros((rows, width), dtype=torch.long)
     loss_mask = torch.zeros((rows, width), dtype=torch.float32)
-    adv = torch.zeros((rows, width), dtype=torch.float32)
-    for i, (traj, a) in enumerate(zip(trajectories, advantages)):
+    for i, traj in enumerate(trajectories):
         p, c = len(traj.prompt.prompt_ids), len(traj.completion.token_ids)
         input_ids[i, : p + c] = torch.tensor(traj.prompt.prompt_ids + traj.completion.token_ids)
         attention[i, : p + c] = 1
         if traj.reward.error is None:
             loss_mask[i, p : p + c] = 1.0
-        adv[i, p : p + c] = a
     return TrainBatch(input_ids=input_ids, attention_mask=attention, loss_mask=loss_mask,
-                      advantages=adv, global_num_tokens=float(loss_mask.sum()),
+                      global_num_tokens=float(loss_mask.sum()),
                       global_num_seqs=count_sequences(loss_mask))
 
 
@@ -37,3 +35,9 @@ def sampler_logprobs(trajectories: list[Trajectory], like: torch.Tensor) -> torc
         p, c = len(traj.prompt.prompt_ids), len(traj.completion.token_ids)
         out[i, p : p + c] = torch.tensor(traj.completion.logprobs, dtype=torch.float32)
     return out
+
+
+def outcome_advantages_per_token(advantages: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """One scalar advantage per row (``[B]``, outcome reward) broadcast over the row's
+    trained tokens: ``[B, T]``."""
+    return advantages.reshape(-1, 1).to(torch.float32) * (loss_mask > 0)

@@ -27,6 +27,7 @@ class ControllerState:
     step: int  # training steps completed
     policy_version: int
     data: dict  # PromptStream.state_dict()
+    kl_controller: dict  # KL coefficient controller state (adaptive KL in the reward)
 
 
 class CheckpointManager:

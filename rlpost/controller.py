@@ -14,8 +14,15 @@ import time
 
 import torch
 
-from rlpost.algorithms import count_sequences, make_advantage_fn, make_policy_loss_fn
-from rlpost.batching import build_train_batch, sampler_logprobs
+from rlpost.algorithms import (
+    KL_ESTIMATORS,
+    count_sequences,
+    make_advantage_fn,
+    make_kl_controller,
+    make_policy_loss_fn,
+    mean_sequence_kl,
+)
+from rlpost.batching import build_train_batch, outcome_advantages_per_token, sampler_logprobs
 from rlpost.checkpoint import CheckpointManager, ControllerState
 from rlpost.config.schema import RunConfig
 from rlpost.data.stream import PromptStream
@@ -53,6 +60,8 @@ class Controller:
         self.pad_id, self.use_reference = pad_id, use_reference
         self.loss_fn = make_policy_loss_fn(cfg.algorithm, max_response_len=cfg.rollout.max_new_tokens)
         self.advantage_fn = make_advantage_fn(cfg.algorithm)
+        self.kl_controller = make_kl_controller(cfg.algorithm.kl_coef, cfg.algorithm.kl_target,
+                                                cfg.algorithm.kl_horizon)
         self.policy_version = 0
         self._warned_length_cap = False
 
@@ -86,18 +95,21 @@ class Controller:
         # 3. Score every completion in the reward pool.
         with timer("reward"):
             trajectories = self._score(prompts, groups)
-        # 4. Group-normalised advantages; failed samples take no part in group statistics.
         rewards, valid = self._reward_matrix(trajectories, len(prompts))
-        advantages = self.advantage_fn(rewards, valid)
-        batch = build_train_batch(trajectories, advantages.flatten().tolist(), self.pad_id)
+        batch = build_train_batch(trajectories, self.pad_id)
         if batch.global_num_tokens == 0:
             raise TrainingError(f"step {step}: no trainable tokens (every reward failed?)")
-        # 5. Log-probs of the policy before the update (PPO's "old" policy) and of the reference.
+        # 4. Log-probs of the policy before the update (PPO's "old" policy) and of the reference.
         with timer("old_logprobs"):
             batch.old_logprobs = self.trainer.forward_logprobs(batch)
         if self.use_reference:
             with timer("ref_logprobs"):
                 batch.ref_logprobs = self.trainer.forward_logprobs(batch, reference=True)
+        # 5. Advantages from (KL-penalised, when kl_in_reward) rewards; failed samples take
+        #    no part in group statistics.
+        shaped, kl_metrics = self._kl_in_reward(rewards, batch)
+        advantages = self.advantage_fn(shaped, valid)
+        batch.advantages = outcome_advantages_per_token(advantages, batch.loss_mask)
         # 6. Update the policy: trainer.mini_batches optimizer steps per epoch.
         with timer("train"):
             train_metrics = self._update(batch, step)
@@ -106,6 +118,7 @@ class Controller:
             self.sync_weights(step)
         metrics = {
             **self._rollout_metrics(trajectories, rewards, valid, timer, batch),
+            **kl_metrics,
             **train_metrics,
             **timer,
         }
@@ -139,6 +152,19 @@ class Controller:
         rewards = torch.tensor([t.reward.total for t in trajectories], dtype=torch.float32).view(num_groups, n)
         valid = torch.tensor([t.reward.error is None for t in trajectories]).view(num_groups, n)
         return rewards, valid
+
+    def _kl_in_reward(self, rewards: torch.Tensor, batch: TrainBatch) -> tuple[torch.Tensor, dict]:
+        """``r - beta * sum_t kl_t`` per sample (Ziegler et al. 2019) when
+        ``algorithm.kl_in_reward``; the KL is of the sampling policy to the reference."""
+        algo = self.cfg.algorithm
+        if not algo.kl_in_reward or batch.ref_logprobs is None:
+            return rewards, {}
+        kl = KL_ESTIMATORS[algo.kl_estimator](batch.old_logprobs, batch.ref_logprobs) * batch.loss_mask
+        beta = self.kl_controller.value
+        shaped = rewards - beta * kl.sum(dim=1).view_as(rewards)
+        seq_kl = mean_sequence_kl(kl, batch.loss_mask)
+        self.kl_controller.update(seq_kl, n_steps=batch.size)
+        return shaped, {"reward/kl_penalty_coef": beta, "reward/seq_kl_mean": seq_kl}
 
     def _update(self, batch: TrainBatch, step: int) -> dict:
         tc = self.cfg.trainer
@@ -209,7 +235,8 @@ class Controller:
     def save(self, step: int) -> None:
         tmp = self.checkpoints.begin(step)
         self.trainer.save(str(tmp / "policy"))
-        state = ControllerState(step=step, policy_version=self.policy_version, data=self.stream.state_dict())
+        state = ControllerState(step=step, policy_version=self.policy_version, data=self.stream.state_dict(),
+                                kl_controller=self.kl_controller.state_dict())
         path = self.checkpoints.commit(tmp, state)
         self.tracker.message(f"checkpoint: {path}")
 
@@ -217,4 +244,5 @@ class Controller:
         """Load a checkpoint and bring every replica to its weights."""
         self.trainer.load(str(path / "policy"))
         self.stream.load_state_dict(state.data)
+        self.kl_controller.load_state_dict(state.kl_controller)
         self.sync_weights(state.policy_version)

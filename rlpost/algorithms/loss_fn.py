@@ -107,7 +107,8 @@ def make_policy_loss_fn(cfg, *, max_response_len: int | None = None):
         clip_eps_low=cfg.clip_eps_low,
         clip_eps_high=cfg.clip_eps_high,
         dual_clip_c=cfg.dual_clip_c,
-        kl_loss_coef=cfg.kl_coef,
+        # With the KL in the reward, kl_coef drives the reward penalty instead.
+        kl_loss_coef=0.0 if cfg.kl_in_reward else cfg.kl_coef,
         kl_estimator=cfg.kl_estimator,
         entropy_coef=cfg.entropy_coef,
         norm_len=float(cfg.loss_norm_len or max_response_len or 0),

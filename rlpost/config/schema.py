@@ -124,8 +124,11 @@ class AlgorithmConfig:
     dual_clip_c: float | None = None  # dual-clip bound for negative advantages (ppo_clip), > 1
     loss_agg: str = "token-mean"
     loss_norm_len: int = 0  # constant of seq-mean-token-sum-norm; 0 = rollout.max_new_tokens
-    kl_coef: float = 0.0  # > 0 adds a KL-to-reference loss term and loads the reference
+    kl_coef: float = 0.0  # > 0 loads the reference: a KL loss term, or the reward penalty below
     kl_estimator: str = "k3"
+    kl_in_reward: bool = False  # penalise each sample's reward by kl_coef * its summed KL instead
+    kl_target: float | None = None  # adaptive KL coefficient (nats per sequence); null = fixed
+    kl_horizon: int = 10000
     entropy_coef: float = 0.0
 
     def check(self) -> None:
@@ -147,6 +150,9 @@ class AlgorithmConfig:
                  f"must be one of {sorted(LOSS_AGGREGATIONS)}, got {self.loss_agg!r}")
         _require(self.clip_eps_low >= 0 and self.clip_eps_high >= 0, "algorithm.clip_eps_low/high", "must be >= 0")
         _require(self.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0")
+        _require(self.kl_target is None or (self.kl_target > 0 and self.kl_in_reward and self.kl_coef > 0),
+                 "algorithm.kl_target", "must be null, or > 0 with kl_in_reward=true and kl_coef > 0")
+        _require(self.kl_horizon >= 1, "algorithm.kl_horizon", "must be >= 1")
 
 
 @dataclass

@@ -431,7 +431,7 @@ def test_make_policy_loss_fn_pickles_and_reads_the_config():
     out = ModelOutput(batch.old_logprobs.clone(), None)
     fn = pickle.loads(pickle.dumps(make_policy_loss_fn(_cfg(kl_coef=0.5))))
     with_kl, _ = fn(out, batch)
-    without, _ = make_policy_loss_fn(_cfg(kl_coef=0.0))(out, batch)
+    without, _ = make_policy_loss_fn(_cfg(kl_coef=0.5, kl_in_reward=True))(out, batch)
     kl = (kl_k3(batch.old_logprobs, batch.ref_logprobs) * batch.loss_mask).sum() / batch.global_num_tokens
     assert (with_kl - without).item() == pytest.approx(0.5 * kl.item(), rel=1e-5)
     # Dr.GRPO's constant defaults to the response cap; an explicit loss_norm_len wins
