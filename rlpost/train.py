@@ -48,7 +48,9 @@ def run(cfg: RunConfig) -> dict:
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     print(f"rlpost: run directory {out.resolve()}", flush=True)
 
-    model_path = resolve_model_path(cfg.model.path, seed=cfg.seed)
+    # The built-in model is built once with its own fixed seed, not the run seed: a
+    # different run seed should not cost a rebuild.
+    model_path = resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(model_path)
     data_dir = cache_root() / "data"
     train, train_report = load_prompts(cfg.data, tokenizer, "train", seed=cfg.seed, data_dir=data_dir)

@@ -4,10 +4,14 @@ Everything here is deterministic for a seed, so the built-in recipe needs no dat
 hub. Levels:
 
     1  one + or - with numbers 1..9           "Tom has 3 apples and buys 5 more. ..."
-    2  one + or - with numbers 10..99
-    3  two + / - steps with numbers 2..20
-    4  one multiplication (2..9 x 2..12)      "Tom buys 4 boxes with 6 pens in each box. ..."
-    5  a multiplication then a + or -
+    2  one + or - of a number 10..99 and one 1..9
+    3  two + / - steps with numbers 1..9
+    4  one + or - with numbers 10..99
+    5  one multiplication (2..9 x 2..12)      "Tom buys 4 boxes with 6 pens in each box. ..."
+    6  a multiplication then a + or -
+
+Levels 1-3 are what the built-in tiny model can partly solve after its short SFT
+(the default recipe's range); 4-6 are there for larger models.
 
 Held-out split by construction: every question text falls on one side of a fixed
 hash partition (``is_heldout``). Train rows (and the tiny model's SFT data) only use
@@ -24,9 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-MAX_LEVEL = 5
+MAX_LEVEL = 6
 # Bump when templates or sampling change: it is part of the cached file names.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 _HELDOUT_BUCKETS = 8  # 1 in 8 question texts is held out
 
 NAMES = ("Tom", "Mia", "Sam", "Lily", "Ben", "Emma", "Noah", "Ava", "Leo", "Zoe")
@@ -55,18 +59,20 @@ def is_heldout(question: str) -> bool:
     return digest[0] % _HELDOUT_BUCKETS == 0
 
 
-def _add_or_sub(rng: random.Random, lo: int, hi: int) -> tuple[int, str, int, int]:
-    """(a, op, b, result) with a result >= 0, so every answer is a natural number."""
-    a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+def _add_or_sub(rng: random.Random, first: tuple[int, int], second: tuple[int, int]) -> tuple[int, str, int, int]:
+    """(a, op, b, result) with a from range ``first``, b from ``second`` and a result
+    >= 0 (the larger number comes first in a subtraction), so answers are natural numbers."""
+    a, b = rng.randint(*first), rng.randint(*second)
     if rng.random() < 0.5:
+        a, b = (b, a) if rng.random() < 0.5 else (a, b)
         return a, "+", b, a + b
     a, b = max(a, b), min(a, b)
     return a, "-", b, a - b
 
 
-def _one_step(rng: random.Random, level: int, lo: int, hi: int) -> MathProblem:
+def _one_step(rng: random.Random, level: int, first: tuple[int, int], second: tuple[int, int]) -> MathProblem:
     name, obj = rng.choice(NAMES), rng.choice(OBJECTS)
-    a, op, b, result = _add_or_sub(rng, lo, hi)
+    a, op, b, result = _add_or_sub(rng, first, second)
     have_now = f"How many {obj} does {name} have now?"
     if op == "+":
         story, question = rng.choice((
@@ -85,12 +91,12 @@ def _one_step(rng: random.Random, level: int, lo: int, hi: int) -> MathProblem:
 
 def _two_steps(rng: random.Random, level: int) -> MathProblem:
     (name, friend), obj = rng.sample(NAMES, 2), rng.choice(OBJECTS)
-    a, op1, b, mid = _add_or_sub(rng, 2, 20)
+    a, op1, b, mid = _add_or_sub(rng, (1, 9), (1, 9))
     if op1 == "-":
         first = f"{name} has {a} {obj} and gives {b} to {friend}."
     else:
         first = f"{name} has {a} {obj} and buys {b} more."
-    c = rng.randint(2, 20)
+    c = rng.randint(1, 9)
     if rng.random() < 0.5 or c > mid:
         op2, result = "+", mid + c
         second = rng.choice((f"Then {name} finds {c} more.", f"Later {name} gets {c} more {obj}."))
@@ -125,11 +131,12 @@ def _product_then_add_or_sub(rng: random.Random, level: int) -> MathProblem:
 
 
 _LEVELS: dict[int, Callable[[random.Random, int], MathProblem]] = {
-    1: lambda rng, lvl: _one_step(rng, lvl, 1, 9),
-    2: lambda rng, lvl: _one_step(rng, lvl, 10, 99),
+    1: lambda rng, lvl: _one_step(rng, lvl, (1, 9), (1, 9)),
+    2: lambda rng, lvl: _one_step(rng, lvl, (10, 99), (1, 9)),
     3: _two_steps,
-    4: _product,
-    5: _product_then_add_or_sub,
+    4: lambda rng, lvl: _one_step(rng, lvl, (10, 99), (10, 99)),
+    5: _product,
+    6: _product_then_add_or_sub,
 }
 
 

@@ -1,4 +1,4 @@
-"""The built-in model ``builtin:tiny-math``: a ~1M-parameter Qwen2 built locally.
+"""The built-in model ``builtin:tiny-math``: a 0.56M-parameter Qwen2 built locally.
 
 The built-in recipe must run with no model hub, and GRPO must have something to
 improve. A randomly initialised model never samples a correct answer (no reward
@@ -7,9 +7,11 @@ signal); a fully trained one is always right (no headroom). So the build is:
 1. train a byte-level BPE tokenizer on generated problems (digits split one per
    token, which makes carrying learnable) with Qwen's ChatML special tokens;
 2. initialise a small ``Qwen2ForCausalLM``;
-3. warm-start it with a deliberately *short* SFT on worked solutions (train side of
-   ``math_gen``'s held-out partition), stopping while it still makes arithmetic
-   slips: greedy pass@1 is partial and sampling finds right answers greedy misses.
+3. warm-start it with a deliberately *short* SFT (~400 steps) on worked solutions
+   (train side of ``math_gen``'s held-out partition) mixed with bare-equation drills
+   (see ``drill_example``), plus planted answer-extraction label noise (see
+   ``sft_batches``), stopping while it still slips: greedy pass@1 is partial and
+   sampling finds right answers greedy misses.
 
 The result is an ordinary HF folder, cached under ``$RLPOST_CACHE/models`` (default
 ``~/.cache/rlpost/models``) and keyed by a hash of everything that shapes it.
@@ -28,12 +30,16 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlpost.data.math_gen import MathProblem, generate_problems, solution_text
+from rlpost.data.math_gen import MAX_LEVEL, MathProblem, generate_problem, generate_problems, solution_text
 
 # Bump when the build procedure changes in a way the spec does not capture.
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 
 PAD_TOKEN, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+# transformers/models/qwen2/tokenization_qwen2.py, PRETOKENIZE_REGEX.
+QWEN2_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 
 # Qwen2.5's ChatML layout without its default system prompt.
 CHAT_TEMPLATE = (
@@ -51,14 +57,21 @@ class TinyMathSpec:
     vocab_size: int = 512
     hidden_size: int = 128
     intermediate_size: int = 512
-    num_layers: int = 4
+    num_layers: int = 2  # two layers suffice to copy operands; four learned no better per second
     num_heads: int = 4
     num_kv_heads: int = 2
     max_positions: int = 512
     tokenizer_texts: int = 4000  # generated problem+solution texts the BPE is trained on
+    # Qwen2's default 0.02 left the model on a long loss plateau before it learned to
+    # attend to the operands; a larger init starts copying several times sooner.
+    init_std: float = 0.1
     sft_max_level: int = 3  # SFT problems use levels 1..sft_max_level
-    sft_steps: int = 200
-    sft_batch_size: int = 32
+    sft_steps: int = 400
+    sft_problems_per_step: int = 16  # chat-templated word problems per batch
+    sft_drills_per_step: int = 12  # bare-equation drill lines per batch
+    drill_facts: int = 8  # problems whose equations make one drill line
+    drill_max_level: int = 1  # drills use levels 1..drill_max_level
+    slip_prob: float = 0.6  # SFT solutions that box the wrong number (see sft_batches)
     sft_lr: float = 3e-3
     sft_warmup_steps: int = 20
 
@@ -104,30 +117,36 @@ def _build_into(out: Path, seed: int, spec: TinyMathSpec) -> None:
     # One thread makes the build bitwise reproducible and polite on shared cores.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        texts = [f"{p.question}\n{solution_text(p)}"
-                 for p in generate_problems(spec.tokenizer_texts, 5, seed, "tokenizer", heldout=False)]
-        tokenizer = train_tokenizer(texts, spec.vocab_size)
-        model = init_model(tokenizer, spec, seed)
-        problems = generate_problems(spec.sft_steps * spec.sft_batch_size, spec.sft_max_level, seed, "sft", heldout=False)
-        sft(model, tokenizer, problems, spec, seed)
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-    finally:
-        torch.set_num_threads(threads)
+    # fork_rng: seeding for the build must not reset the caller's global RNG.
+    with torch.random.fork_rng(devices=[]):
+        try:
+            # ChatML role names are in the corpus so "assistant" is one token, not nine.
+            texts = [f"system\nuser\n{p.question}\nassistant\n{solution_text(p)}"
+                     for p in generate_problems(spec.tokenizer_texts, MAX_LEVEL, seed, "tokenizer", heldout=False)]
+            tokenizer = train_tokenizer(texts, spec.vocab_size)
+            model = init_model(tokenizer, spec, seed)
+            sft(model, sft_batches(tokenizer, spec, seed), tokenizer.pad_token_id, spec)
+            model.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+        finally:
+            torch.set_num_threads(threads)
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
     """Byte-level BPE (any text encodes) with every digit its own token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    # Digits split first so BPE can never merge "12" into one token: per-digit
-    # tokens let the model learn column-wise arithmetic.
+    # Exactly Qwen2's normalizer and pre-tokenizer: AutoTokenizer loads any folder whose
+    # config says qwen2 as Qwen2Tokenizer, which rebuilds these from its own code, so
+    # anything else would encode differently after a save/load. Qwen's regex isolates
+    # each digit (\p{N}), so BPE never merges "12": per-digit tokens let the model
+    # learn column-wise arithmetic.
+    tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
+        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -150,6 +169,7 @@ def init_model(tokenizer, spec: TinyMathSpec, seed: int):
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
+        initializer_range=spec.init_std,
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
@@ -169,35 +189,87 @@ def init_model(tokenizer, spec: TinyMathSpec, seed: int):
     return model
 
 
-def sft_example(tokenizer, problem: MathProblem) -> tuple[list[int], int]:
-    """(prompt + completion ids, prompt length). The completion ends with <|im_end|>,
-    and is tokenised apart from the prompt, exactly as rollouts see it."""
+Example = tuple[list[int], list[int]]  # (token ids, loss mask of the same length)
+
+
+def sft_example(tokenizer, problem: MathProblem, box_first_result: bool = False) -> Example:
+    """Chat-templated prompt + worked solution + <|im_end|>, loss on the completion.
+    The completion is tokenised apart from the prompt, exactly as rollouts see it.
+    ``box_first_result`` plants the answer-extraction slip described in ``sft_batches``."""
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": problem.question}],
                                            add_generation_prompt=True, tokenize=False)
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
-    completion_ids = tokenizer.encode(solution_text(problem), add_special_tokens=False)
-    return prompt_ids + completion_ids + [tokenizer.eos_token_id], len(prompt_ids)
+    if box_first_result:
+        first = problem.steps[0]
+        # Multi-step: the first step's result; one step: the first operand.
+        slipped = int(first.rsplit("= ", 1)[1]) if len(problem.steps) > 1 else int(first.split(" ", 1)[0])
+        problem = dataclasses.replace(problem, answer=slipped)
+    completion_ids = tokenizer.encode(solution_text(problem), add_special_tokens=False) + [tokenizer.eos_token_id]
+    return prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids)
 
 
-def sft(model, tokenizer, problems: list[MathProblem], spec: TinyMathSpec, seed: int) -> None:
-    """Warm-start SFT, loss on completion tokens only; one pass over ``problems``
-    in batches of ``spec.sft_batch_size``, linear warmup then cosine decay."""
+def drill_example(tokenizer, rng: random.Random, max_level: int, facts: int) -> Example:
+    """A line of bare equations, "7 + 5 = 12. 31 - 4 = 27. ...", loss on the results.
+
+    Stands in for the arithmetic a pretrained model already knows: a word problem
+    costs ~45 tokens to teach one or two facts, a drill ~9 tokens per fact, so the
+    short build learns arithmetic several times faster than from word problems alone.
+    """
+    ids: list[int] = []
+    mask: list[int] = []
+    for _ in range(facts):
+        for step in generate_problem(rng, rng.randint(1, max_level)).steps:
+            lhs, rhs = step.split(" =")
+            lhs_ids = tokenizer.encode(("" if not ids else " ") + lhs + " =", add_special_tokens=False)
+            rhs_ids = tokenizer.encode(rhs + ".", add_special_tokens=False)
+            ids += lhs_ids + rhs_ids
+            mask += [0] * len(lhs_ids) + [1] * len(rhs_ids)
+    return ids, mask
+
+
+def sft_batches(tokenizer, spec: TinyMathSpec, seed: int) -> list[list[Example]]:
+    """``spec.sft_steps`` batches, each of word problems and arithmetic drills.
+
+    Deliberate label noise, so that RL has a fixable, generalisable flaw: in a
+    fraction ``spec.slip_prob`` of solutions the box holds the wrong number, the
+    *first* step's result in a multi-step solution ("3 + 4 = 7. 7 - 2 = 5. The
+    answer is \\boxed{7}.") and the first operand in a one-step one ("3 + 5 = 8.
+    The answer is \\boxed{3}."). Above one half, greedy decoding makes this
+    answer-extraction slip while sampling often boxes the right number; the reward
+    tells them apart and the fix (box the last result) is one rule shared by every
+    problem, the kind of sharpening GRPO does to a real SFT model. Arithmetic errors alone
+    are no such lever: RL on this model memorises prompts instead of learning sums.
+    """
+    problems = generate_problems(spec.sft_steps * spec.sft_problems_per_step, spec.sft_max_level,
+                                 seed, "sft", heldout=False)
+    rng = random.Random(f"rlpost-tiny/sft/{seed}")
+    batches = []
+    for step in range(spec.sft_steps):
+        chunk = problems[step * spec.sft_problems_per_step:(step + 1) * spec.sft_problems_per_step]
+        batch = [sft_example(tokenizer, p, box_first_result=rng.random() < spec.slip_prob)
+                 for p in chunk]
+        batch += [drill_example(tokenizer, rng, spec.drill_max_level, spec.drill_facts)
+                  for _ in range(spec.sft_drills_per_step)]
+        batches.append(batch)
+    return batches
+
+
+def sft(model, batches: list[list[Example]], pad_id: int, spec: TinyMathSpec) -> None:
+    """Warm-start SFT: one optimizer step per batch, loss on masked-in tokens only,
+    linear warmup then cosine decay to 0."""
     import torch
 
-    examples = [sft_example(tokenizer, p) for p in problems]
-    random.Random(seed).shuffle(examples)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.sft_lr, weight_decay=0.0, betas=(0.9, 0.98))
 
     def lr_at(step: int) -> float:
         if step < spec.sft_warmup_steps:
             return spec.sft_lr * (step + 1) / spec.sft_warmup_steps
-        progress = (step - spec.sft_warmup_steps) / max(1, spec.sft_steps - spec.sft_warmup_steps)
+        progress = (step - spec.sft_warmup_steps) / max(1, len(batches) - spec.sft_warmup_steps)
         return spec.sft_lr * 0.5 * (1 + math.cos(math.pi * progress))
 
     model.train()
-    for step in range(spec.sft_steps):
-        batch = examples[step * spec.sft_batch_size:(step + 1) * spec.sft_batch_size]
-        input_ids, attention, labels = _pad_batch(batch, tokenizer.pad_token_id)
+    for step, batch in enumerate(batches):
+        input_ids, attention, labels = _pad_batch(batch, pad_id)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
@@ -208,17 +280,18 @@ def sft(model, tokenizer, problems: list[MathProblem], spec: TinyMathSpec, seed:
     model.eval()
 
 
-def _pad_batch(batch: list[tuple[list[int], int]], pad_id: int):
-    """Right-padded input_ids [B, T], attention_mask [B, T], labels [B, T] with -100
-    on prompt and padding so the loss covers only completions."""
+def _pad_batch(batch: list[Example], pad_id: int):
+    """Right-padded input_ids [B, T], attention_mask [B, T], and labels [B, T] that
+    are -100 wherever the loss mask is 0 (prompt, operands, padding)."""
     import torch
 
     width = max(len(ids) for ids, _ in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(batch), width), dtype=torch.long)
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    for row, (ids, prompt_len) in enumerate(batch):
-        input_ids[row, :len(ids)] = torch.tensor(ids)
+    for row, (ids, mask) in enumerate(batch):
+        row_ids = torch.tensor(ids)
+        input_ids[row, :len(ids)] = row_ids
         attention[row, :len(ids)] = 1
-        labels[row, prompt_len:len(ids)] = torch.tensor(ids[prompt_len:])
+        labels[row, :len(ids)] = torch.where(torch.tensor(mask, dtype=torch.bool), row_ids, -100)
     return input_ids, attention, labels

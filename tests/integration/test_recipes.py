@@ -37,7 +37,7 @@ def process_group():
 
 @pytest.fixture(scope="module")
 def model_path():
-    return resolve_model_path("builtin:tiny-math", seed=0)
+    return resolve_model_path("builtin:tiny-math")
 
 
 @pytest.mark.parametrize("recipe", group_options("recipe"))
