@@ -18,23 +18,38 @@ import torch.distributed as dist
 LOOPBACK = ("127.0.0.1", "localhost")
 
 
+def store_on(host: str, port: int, rank: int, world_size: int, timeout_s: float) -> dist.TCPStore:
+    """A TCPStore whose server (rank 0) listens on ``host`` only.
+
+    The store takes ownership of the listening socket's file descriptor and closes it
+    itself, so the Python socket object is detached: closing it as well would close
+    whatever file later reuses that descriptor number.
+    """
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if rank != 0:
+        return dist.TCPStore(host, port, world_size, False, timeout)
+    listener = socket.create_server((host, port))
+    try:
+        store = dist.TCPStore(host, port, world_size, True, timeout, wait_for_workers=False,
+                              master_listen_fd=listener.fileno())
+    except BaseException:
+        listener.close()
+        raise
+    listener.detach()
+    return store
+
+
 def init_default_group(host: str, port: int, rank: int, world_size: int, timeout_s: float = 600.0,
-                       backend: str | None = None) -> socket.socket | None:
-    """Join the default group; returns rank 0's listening socket (close it after
-    ``destroy_process_group``), else None."""
+                       backend: str | None = None) -> None:
+    """Join the default process group through a store bound to ``host``."""
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if host in LOOPBACK:
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    listener = socket.create_server((host, port)) if rank == 0 else None
-    store = dist.TCPStore(host, port, world_size, rank == 0, datetime.timedelta(seconds=timeout_s),
-                          wait_for_workers=False, master_listen_fd=listener.fileno() if listener else None)
+    store = store_on(host, port, rank, world_size, timeout_s)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=timeout_s))
-    return listener
 
 
-def destroy_default_group(listener: socket.socket | None) -> None:
+def destroy_default_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-    if listener is not None:
-        listener.close()

@@ -51,7 +51,6 @@ process down rather than raising (GPU path, not tested on CPU CI).
 from __future__ import annotations
 
 import hashlib
-import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -60,6 +59,7 @@ from functools import cached_property
 import torch
 import torch.distributed as dist
 
+from rlpost.distributed import store_on
 from rlpost.errors import WorkerError
 
 _ALIGN = 64  # byte alignment of tensors inside a bucket (any dtype can view there)
@@ -134,16 +134,9 @@ class _Channel:
     def __init__(self, host: str, port: int, rank: int, world_size: int, timeout_s: float, device: torch.device):
         self.rank, self.world_size, self.device = rank, world_size, device
         self.timeout = timedelta(seconds=timeout_s)
-        self._listener = None
         try:
-            if rank == 0:
-                # Bind the store's socket ourselves: TCPStore alone listens on every
-                # interface, and we bind only to the host we were given.
-                self._listener = socket.create_server((host, port), reuse_port=False)
-                self.store = dist.TCPStore(host, port, world_size, True, self.timeout,
-                                           wait_for_workers=False, master_listen_fd=self._listener.fileno())
-            else:
-                self.store = dist.TCPStore(host, port, world_size, False, self.timeout)
+            # TCPStore alone listens on every interface; store_on binds only to host.
+            self.store = store_on(host, port, rank, world_size, timeout_s)
             self.pg = self._make_group(host, rank, world_size)
         except (RuntimeError, OSError) as e:  # DistNetworkError/DistStoreError are RuntimeErrors
             self.close()
@@ -180,9 +173,6 @@ class _Channel:
         for name in ("pg", "store"):
             if hasattr(self, name):
                 delattr(self, name)
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
 
 
 class _Endpoint:

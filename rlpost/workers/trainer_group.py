@@ -30,7 +30,7 @@ class TrainerActor:
 
     def __init__(self, rank: int, world_size: int):
         self.rank, self.world_size = rank, world_size
-        self.policy = self.reference = self.sender = self._listener = None
+        self.policy = self.reference = self.sender = None
         torch.set_num_threads(1)
         quiet_actor_logs()
 
@@ -46,7 +46,7 @@ class TrainerActor:
         # FSDP/transformers read these; the group itself is built from an explicit store.
         os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]),
                           RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
-        self._listener = init_default_group(master[0], master[1], self.rank, self.world_size)
+        init_default_group(master[0], master[1], self.rank, self.world_size)
         torch.manual_seed(cfg.seed)
         temperature = cfg.rollout.temperature
         self.policy = FSDPEngine(model_path, cfg.model, cfg.trainer, trainable=True, seed=cfg.seed,
@@ -103,7 +103,7 @@ class TrainerActor:
 
         if self.sender is not None:
             self.sender.close()
-        destroy_default_group(self._listener)
+        destroy_default_group()
 
 
 class TrainerGroup:

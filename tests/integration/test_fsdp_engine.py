@@ -82,12 +82,11 @@ def _in_group(rank: int, world: int, port: int, fn, *args):
     from rlpost.distributed import destroy_default_group, init_default_group
 
     torch.set_num_threads(1)
-    listener = None
     try:
-        listener = init_default_group("127.0.0.1", port, rank, world, timeout_s=60, backend="gloo")
+        init_default_group("127.0.0.1", port, rank, world, timeout_s=60, backend="gloo")
         return fn(rank, world, *args)
     finally:
-        destroy_default_group(listener)
+        destroy_default_group()
 
 
 def _run_world(world: int, fn, *args, timeout_s: float = 120.0) -> None:

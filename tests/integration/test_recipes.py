@@ -30,9 +30,9 @@ def process_group():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    listener = init_default_group("127.0.0.1", port, 0, 1, timeout_s=120, backend="gloo")
+    init_default_group("127.0.0.1", port, 0, 1, timeout_s=120, backend="gloo")
     yield
-    destroy_default_group(listener)
+    destroy_default_group()
 
 
 @pytest.fixture(scope="module")
