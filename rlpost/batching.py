@@ -41,3 +41,12 @@ def outcome_advantages_per_token(advantages: torch.Tensor, loss_mask: torch.Tens
     """One scalar advantage per row (``[B]``, outcome reward) broadcast over the row's
     trained tokens: ``[B, T]``."""
     return advantages.reshape(-1, 1).to(torch.float32) * (loss_mask > 0)
+
+
+def with_loss_rows(batch: TrainBatch, keep_rows: torch.Tensor) -> TrainBatch:
+    """``batch`` with the loss mask of rows where ``keep_rows`` ([B] bool) is False
+    zeroed, and the global token/sequence counts recomputed."""
+    batch.loss_mask = batch.loss_mask * keep_rows.to(batch.loss_mask.dtype).unsqueeze(1)
+    batch.global_num_tokens = float(batch.loss_mask.sum())
+    batch.global_num_seqs = count_sequences(batch.loss_mask)
+    return batch

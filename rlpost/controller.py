@@ -21,15 +21,17 @@ from rlpost.algorithms import (
     make_kl_controller,
     make_policy_loss_fn,
     mean_sequence_kl,
+    overlong_filter_mask,
 )
-from rlpost.batching import build_train_batch, outcome_advantages_per_token, sampler_logprobs
+from rlpost.batching import build_train_batch, outcome_advantages_per_token, sampler_logprobs, with_loss_rows
+from rlpost.collect import Collector
 from rlpost.checkpoint import CheckpointManager, ControllerState
 from rlpost.config.schema import RunConfig
 from rlpost.data.stream import PromptStream
-from rlpost.errors import TrainingError, WorkerError
+from rlpost.errors import Preempted, TrainingError
 from rlpost.evaluation import evaluate
 from rlpost.tracking import Tracker
-from rlpost.types import PromptSample, SamplingParams, TrainBatch, Trajectory
+from rlpost.types import PromptSample, TrainBatch
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ class Controller:
         self.cfg, self.trainer, self.rollout, self.rewards = cfg, trainer, rollout, rewards
         self.weight_sync = weight_sync
         self.stream, self.val_samples, self.tracker, self.checkpoints = stream, val_samples, tracker, checkpoints
+        self.collector = Collector(cfg, stream, rollout, rewards)
         self.pad_id, self.use_reference = pad_id, use_reference
         self.loss_fn = make_policy_loss_fn(cfg.algorithm, max_response_len=cfg.rollout.max_new_tokens)
         self.advantage_fn = make_advantage_fn(cfg.algorithm)
@@ -66,8 +69,12 @@ class Controller:
         self._warned_length_cap = False
 
     # ------------------------------------------------------------------ loop
-    def run(self, start_step: int = 0) -> dict:
-        """Train from ``start_step`` to ``trainer.total_steps``; returns the last metrics."""
+    def run(self, start_step: int = 0, stop_requested=lambda: False) -> dict:
+        """Train from ``start_step`` to ``trainer.total_steps``; returns the last metrics.
+
+        ``stop_requested()`` is polled after every step (a SIGTERM handler sets it): the
+        step in flight finishes, a checkpoint is written and ``Preempted`` is raised.
+        """
         cfg, last = self.cfg, {}
         self.tracker.start(start_step)
         if start_step == 0 and cfg.eval.every > 0:
@@ -78,25 +85,27 @@ class Controller:
             if cfg.eval.every > 0 and (step % cfg.eval.every == 0 or final):
                 metrics.update(self.evaluate())
             self.tracker.log(step, metrics)
-            if final or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
+            periodic = cfg.trainer.save_every and step % cfg.trainer.save_every == 0
+            stopping = not final and stop_requested()
+            if final or periodic or stopping:
                 self.save(step)
+            if stopping:
+                raise Preempted(step)
             last = metrics
         return last
 
     def step(self, step: int) -> dict:
         """One GRPO step; returns its metrics."""
         timer, t0 = Timer(), time.perf_counter()
-        # 1. Draw this step's prompts.
-        prompts = self.stream.next_batch()
-        # 2. Sample rollout.n completions per prompt with policy version step - 1.
-        with timer("rollout"):
-            groups = self.rollout.generate([list(p.prompt_ids) for p in prompts], self._sampling(step))
-        self._check_versions(groups)
-        # 3. Score every completion in the reward pool.
-        with timer("reward"):
-            trajectories = self._score(prompts, groups)
-        rewards, valid = self._reward_matrix(trajectories, len(prompts))
+        # 1-3. Draw prompts, sample rollout.n completions each with policy version
+        #      step - 1, score them (DAPO: shape rewards, resample uninformative groups).
+        collected = self.collector.collect(step, self.policy_version, timer)
+        trajectories, rewards, valid = collected.trajectories, collected.rewards, collected.valid
         batch = build_train_batch(trajectories, self.pad_id)
+        if self.cfg.algorithm.overlong_filter:
+            # DAPO overlong filtering: truncated samples keep their place in the group
+            # statistics but are not trained on.
+            batch = with_loss_rows(batch, overlong_filter_mask([t.completion.finish_reason for t in trajectories]))
         if batch.global_num_tokens == 0:
             raise TrainingError(f"step {step}: no trainable tokens (every reward failed?)")
         # 4. Log-probs of the policy before the update (PPO's "old" policy) and of the reference.
@@ -117,7 +126,8 @@ class Controller:
         with timer("weight_sync"):
             self.sync_weights(step)
         metrics = {
-            **self._rollout_metrics(trajectories, rewards, valid, timer, batch),
+            **self._rollout_metrics(trajectories, valid, timer, batch),
+            **collected.metrics,
             **kl_metrics,
             **train_metrics,
             **timer,
@@ -126,33 +136,6 @@ class Controller:
         return metrics
 
     # ------------------------------------------------------------- stages
-    def _sampling(self, step: int) -> SamplingParams:
-        r = self.cfg.rollout
-        # Seeds derive from (seed, step) so a resumed run samples exactly what the
-        # uninterrupted run would have.
-        return SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                              max_new_tokens=r.max_new_tokens, stop=tuple(r.stop),
-                              seed=self.cfg.seed * 100_003 + step)
-
-    def _check_versions(self, groups) -> None:
-        stale = {c.policy_version for g in groups for c in g} - {self.policy_version}
-        if stale:
-            raise WorkerError(f"rollouts came from policy versions {sorted(stale)}, expected "
-                              f"{self.policy_version}: a replica missed a weight sync")
-
-    def _score(self, prompts: list[PromptSample], groups) -> list[Trajectory]:
-        items = [(p.question, c.text, p.answer, p.metadata) for p, g in zip(prompts, groups) for c in g]
-        scores = self.rewards.score(items)
-        pairs = [(gi, p, c) for gi, (p, g) in enumerate(zip(prompts, groups)) for c in g]
-        return [Trajectory(prompt=p, completion=c, reward=r, group_index=gi)
-                for (gi, p, c), r in zip(pairs, scores)]
-
-    def _reward_matrix(self, trajectories: list[Trajectory], num_groups: int):
-        n = self.cfg.rollout.n
-        rewards = torch.tensor([t.reward.total for t in trajectories], dtype=torch.float32).view(num_groups, n)
-        valid = torch.tensor([t.reward.error is None for t in trajectories]).view(num_groups, n)
-        return rewards, valid
-
     def _kl_in_reward(self, rewards: torch.Tensor, batch: TrainBatch) -> tuple[torch.Tensor, dict]:
         """``r - beta * sum_t kl_t`` per sample (Ziegler et al. 2019) when
         ``algorithm.kl_in_reward``; the KL is of the sampling policy to the reference."""
@@ -189,7 +172,7 @@ class Controller:
         out["policy/updates"] = float(updates)
         return out
 
-    def _rollout_metrics(self, trajectories, rewards, valid, timer, batch) -> dict:
+    def _rollout_metrics(self, trajectories, valid, timer, batch) -> dict:
         lengths = torch.tensor([len(t.completion.token_ids) for t in trajectories], dtype=torch.float32)
         capped = sum(t.completion.finish_reason == "length" for t in trajectories)
         if capped == len(trajectories) and not self._warned_length_cap:
@@ -198,9 +181,10 @@ class Controller:
                 f"warning: every completion hit rollout.max_new_tokens={self.cfg.rollout.max_new_tokens}; "
                 "rewards of truncated answers are likely meaningless. Raise rollout.max_new_tokens.")
         ok = [t.reward for t in trajectories if t.reward.error is None]
+        task = torch.tensor([r.total for r in ok], dtype=torch.float32)  # before any shaping
         metrics = {
-            "reward/mean": rewards[valid].mean().item() if valid.any() else 0.0,
-            "reward/std": rewards[valid].std().item() if valid.sum() > 1 else 0.0,
+            "reward/mean": task.mean().item() if len(ok) else 0.0,
+            "reward/std": task.std().item() if len(ok) > 1 else 0.0,
             "reward/errors": float(len(trajectories) - len(ok)),
             "response/length_mean": lengths.mean().item(),
             "response/length_max": lengths.max().item(),

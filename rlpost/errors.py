@@ -6,7 +6,8 @@
     ├── ModelError         a model path/hub id cannot be resolved or loaded
     ├── RewardError        a reward function is unusable as a whole (not one bad sample)
     ├── TrainingError      the update itself failed (NaN loss, diverged)
-    └── WorkerError        a Ray actor died or a collective timed out
+    ├── WorkerError        a Ray actor died or a collective timed out
+    └── Preempted          SIGTERM arrived; a checkpoint was written (exit code 75)
 """
 
 
@@ -36,3 +37,14 @@ class TrainingError(RlpostError):
 
 class WorkerError(RlpostError):
     pass
+
+
+class Preempted(RlpostError):
+    """The run was asked to stop (SIGTERM: Slurm preemption, Kubernetes eviction). The
+    step in flight was finished and checkpointed; ``resume=auto`` continues it."""
+
+    exit_code = 75  # EX_TEMPFAIL: "try again", what schedulers' requeue logic expects
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped after step {step} on request; checkpoint written, resume with resume=auto")
+        self.step = step

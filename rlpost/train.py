@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import yaml
@@ -17,7 +19,7 @@ import yaml
 from rlpost.config.convert import to_dict
 from rlpost.config.load import load_config
 from rlpost.config.schema import RunConfig
-from rlpost.errors import RlpostError
+from rlpost.errors import Preempted, RlpostError
 
 log = logging.getLogger("rlpost")
 
@@ -65,6 +67,7 @@ def run(cfg: RunConfig) -> dict:
         return {}
 
     use_reference = cfg.algorithm.kl_coef > 0
+    stop_flag = _install_sigterm_handler()
     started = start_cluster(cfg)
     groups = []
     tracker = Tracker(cfg.logger, out, cfg.trainer.total_steps, to_dict(cfg))
@@ -87,7 +90,7 @@ def run(cfg: RunConfig) -> dict:
             tracker.truncate_after(state.step)
             start_step = state.step
             print(f"rlpost: resumed from {resume_from} at step {start_step}", flush=True)
-        last = controller.run(start_step)
+        last = controller.run(start_step, stop_requested=stop_flag.is_set)
         trainer.export_hf(str(out / "final"), model_path)
         tracker.message(f"rlpost: final policy exported to {out / 'final'}")
         return last
@@ -96,6 +99,19 @@ def run(cfg: RunConfig) -> dict:
         for group in reversed(groups):
             group.shutdown()
         stop_cluster(started)
+
+
+def _install_sigterm_handler() -> threading.Event:
+    """SIGTERM (Slurm preemption, Kubernetes eviction) sets a flag the controller polls
+    between steps, instead of killing the run mid-update."""
+    flag = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        def on_term(signum, frame):
+            print("rlpost: SIGTERM received; finishing the current step, then checkpointing", flush=True)
+            flag.set()
+
+        signal.signal(signal.SIGTERM, on_term)
+    return flag
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             return 0
         run(cfg)
+    except Preempted as err:
+        print(f"rlpost: {err}", file=sys.stderr)
+        return Preempted.exit_code
     except RlpostError as err:
         print(f"rlpost: error: {err}", file=sys.stderr)
         return 2

@@ -130,6 +130,13 @@ class AlgorithmConfig:
     kl_target: float | None = None  # adaptive KL coefficient (nats per sequence); null = fixed
     kl_horizon: int = 10000
     entropy_coef: float = 0.0
+    # DAPO (Yu et al. 2025): resample groups whose rewards are all equal, up to
+    # max_sampling_rounds draws of data.train_batch_size prompts per step.
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 3
+    overlong_buffer_len: int = 0  # soft overlong penalty over the last N tokens before the cap; 0 = off
+    overlong_penalty_factor: float = 1.0
+    overlong_filter: bool = False  # do not train on samples cut by the length cap
 
     def check(self) -> None:
         from rlpost.algorithms import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
@@ -153,6 +160,9 @@ class AlgorithmConfig:
         _require(self.kl_target is None or (self.kl_target > 0 and self.kl_in_reward and self.kl_coef > 0),
                  "algorithm.kl_target", "must be null, or > 0 with kl_in_reward=true and kl_coef > 0")
         _require(self.kl_horizon >= 1, "algorithm.kl_horizon", "must be >= 1")
+        _require(self.max_sampling_rounds >= 1, "algorithm.max_sampling_rounds", "must be >= 1")
+        _require(self.overlong_buffer_len >= 0, "algorithm.overlong_buffer_len", "must be >= 0 (0 = off)")
+        _require(self.overlong_penalty_factor >= 0, "algorithm.overlong_penalty_factor", "must be >= 0")
 
 
 @dataclass
@@ -191,6 +201,27 @@ class ConsoleLogConfig:
 @dataclass
 class JsonlLogConfig:
     filename: str = "metrics.jsonl"
+    samples_filename: str = "samples.jsonl"  # Tracker.log_samples rows, one JSON object each
+
+
+@dataclass
+class TensorboardLogConfig:
+    dir: str = "tensorboard"  # event files, relative to output_dir
+
+    def check(self) -> None:
+        _require(bool(self.dir), "logger.tensorboard.dir", "must name a folder (relative to output_dir)")
+
+
+@dataclass
+class MlflowLogConfig:
+    # null = a local store in the run directory: sqlite:///<output_dir>/mlflow.db, artifacts
+    # in <output_dir>/mlartifacts. Or any MLflow tracking URI (http://host:5000, sqlite:///...).
+    tracking_uri: str | None = None
+    experiment: str = "rlpost"
+    run_name: str | None = None
+
+    def check(self) -> None:
+        _require(bool(self.experiment), "logger.mlflow.experiment", "must be a non-empty experiment name")
 
 
 @dataclass
@@ -221,15 +252,18 @@ class WeightSyncConfig:
 @dataclass
 class LoggerConfig:
     """Each backend is on when its section is present (Hydra multi-select group
-    ``logger=[console,jsonl,wandb]``)."""
+    ``logger=[console,jsonl,wandb,tensorboard,mlflow]``)."""
 
     console: ConsoleLogConfig | None = None
     jsonl: JsonlLogConfig | None = None
     wandb: WandbConfig | None = None
+    tensorboard: TensorboardLogConfig | None = None
+    mlflow: MlflowLogConfig | None = None
 
     def check(self) -> None:
-        if self.wandb is not None:
-            self.wandb.check()
+        for section in (self.wandb, self.tensorboard, self.mlflow):
+            if section is not None:
+                section.check()
 
 
 @dataclass
@@ -253,6 +287,8 @@ class RunConfig:
                         self.reward, self.eval, self.logger, self.weight_sync):
             section.check()
         _require(bool(self.output_dir), "output_dir", "must be a directory path")
+        _require(self.algorithm.overlong_buffer_len <= self.rollout.max_new_tokens, "algorithm.overlong_buffer_len",
+                 f"must be at most rollout.max_new_tokens={self.rollout.max_new_tokens}")
         rows = self.data.train_batch_size * self.rollout.n
         per_rank, rem = divmod(rows, self.trainer.world_size * self.trainer.mini_batches)
         _require(rem == 0 and per_rank >= 1, "data.train_batch_size",

@@ -241,3 +241,18 @@ def test_rollout_group_splits_contiguously_with_per_replica_seeds():
                    + solo.generate(prompts[2:], replace(params, seed=11100)))
     assert out[0] == out[1] and out[1] != out[2]  # same replica and seed; other replica, other seed
     assert group.generate([], params) == []
+
+
+def test_stop_request_finishes_the_step_checkpoints_and_raises(tmp_path):
+    # What a SIGTERM does: the flag is seen after step 1 (not a save_every step), the
+    # step is checkpointed and Preempted says so; resuming continues at step 2.
+    from rlpost.errors import Preempted
+
+    cfg = make_cfg(tmp_path / "run")
+    controller = build(cfg, make_samples())
+    with pytest.raises(Preempted) as err:
+        controller.run(0, stop_requested=lambda: True)
+    assert err.value.step == 1 and Preempted.exit_code == 75
+    latest = CheckpointManager(tmp_path / "run" / "checkpoints", 2).latest()
+    assert latest is not None and read_state(latest).step == 1
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [0, 1]

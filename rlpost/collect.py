@@ -1,0 +1,98 @@
+"""Stage 1-3 of a step: draw prompts, sample completions, score them, and shape the
+rewards the advantage estimator sees (DAPO overlong penalty, dynamic sampling).
+
+Contract: ``collect(step, policy_version)`` consumes prompts from the stream, waits
+for the rollout group and the reward pool, and returns exactly
+``data.train_batch_size`` groups of ``rollout.n`` trajectories, every one sampled by
+``policy_version`` (anything else raises ``WorkerError``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlpost.algorithms import dynamic_sampling_keep, overlong_penalty
+from rlpost.config.schema import RunConfig
+from rlpost.data.stream import PromptStream
+from rlpost.errors import WorkerError
+from rlpost.types import PromptSample, SamplingParams, Trajectory
+
+
+@dataclass
+class Collected:
+    trajectories: list[Trajectory]  # group-major: G groups of n
+    rewards: torch.Tensor  # [G, n] what the advantage estimator sees (shaped)
+    valid: torch.Tensor  # [G, n] bool, False where the reward function failed
+    metrics: dict[str, float]
+
+
+class Collector:
+    def __init__(self, cfg: RunConfig, stream: PromptStream, rollout, rewards):
+        self.cfg, self.stream, self.rollout, self.rewards = cfg, stream, rollout, rewards
+
+    def sampling_params(self, step: int, round_: int = 0) -> SamplingParams:
+        r = self.cfg.rollout
+        # Seeds derive from (seed, step, round) only, so a resumed run samples exactly
+        # what the uninterrupted run would have.
+        seed = self.cfg.seed * 100_003 + step
+        if round_:
+            seed = seed * 31 + round_
+        return SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                              max_new_tokens=r.max_new_tokens, stop=tuple(r.stop), seed=seed)
+
+    def collect(self, step: int, policy_version: int, timer) -> Collected:
+        """``timer(name)`` is a context manager accumulating ``timing/<name>_s``."""
+        algo, want = self.cfg.algorithm, self.cfg.data.train_batch_size
+        rounds = algo.max_sampling_rounds if algo.dynamic_sampling else 1
+        kept: list[tuple[list[Trajectory], torch.Tensor, torch.Tensor]] = []
+        dropped: list[tuple[list[Trajectory], torch.Tensor, torch.Tensor]] = []
+        drawn = 0
+        for round_ in range(rounds):
+            trajectories, rewards, valid = self._sample_and_score(step, round_, policy_version, timer)
+            drawn += rewards.shape[0]
+            keep = dynamic_sampling_keep(rewards, valid) if algo.dynamic_sampling else torch.ones(rewards.shape[0], dtype=torch.bool)
+            n = self.cfg.rollout.n
+            for g in range(rewards.shape[0]):
+                group = (trajectories[g * n : (g + 1) * n], rewards[g], valid[g])
+                (kept if keep[g] else dropped).append(group)
+            if len(kept) >= want:
+                break
+        # Not enough informative groups within the round limit: fill up with dropped ones
+        # (zero advantage, so no gradient) rather than fail the step.
+        chosen = (kept + dropped)[:want]
+        metrics = {"sampling/groups_drawn": float(drawn), "sampling/groups_informative": float(len(kept)),
+                   "sampling/groups_filled": float(max(0, want - len(kept)))} if algo.dynamic_sampling else {}
+        trajectories = [t for group, _, _ in chosen for t in group]
+        rewards = torch.stack([r for _, r, _ in chosen])
+        valid = torch.stack([v for _, _, v in chosen])
+        return Collected(trajectories, rewards, valid, metrics)
+
+    def _sample_and_score(self, step: int, round_: int, policy_version: int, timer):
+        prompts = self.stream.next_batch()
+        with timer("rollout"):
+            groups = self.rollout.generate([list(p.prompt_ids) for p in prompts], self.sampling_params(step, round_))
+        stale = {c.policy_version for g in groups for c in g} - {policy_version}
+        if stale:
+            raise WorkerError(f"rollouts came from policy versions {sorted(stale)}, expected "
+                              f"{policy_version}: a replica missed a weight sync")
+        with timer("reward"):
+            trajectories = self._score(prompts, groups)
+        n = self.cfg.rollout.n
+        rewards = torch.tensor([t.reward.total for t in trajectories], dtype=torch.float32).view(len(prompts), n)
+        valid = torch.tensor([t.reward.error is None for t in trajectories]).view(len(prompts), n)
+        algo = self.cfg.algorithm
+        if algo.overlong_buffer_len > 0:
+            lengths = torch.tensor([len(t.completion.token_ids) for t in trajectories])
+            penalty = overlong_penalty(lengths, self.cfg.rollout.max_new_tokens, algo.overlong_buffer_len,
+                                       algo.overlong_penalty_factor)
+            rewards = rewards + penalty.view_as(rewards)
+        return trajectories, rewards, valid
+
+    def _score(self, prompts: list[PromptSample], groups) -> list[Trajectory]:
+        items = [(p.question, c.text, p.answer, p.metadata) for p, g in zip(prompts, groups) for c in g]
+        scores = self.rewards.score(items)
+        pairs = [(gi, p, c) for gi, (p, g) in enumerate(zip(prompts, groups)) for c in g]
+        return [Trajectory(prompt=p, completion=c, reward=r, group_index=gi)
+                for (gi, p, c), r in zip(pairs, scores)]
