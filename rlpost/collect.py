@@ -9,7 +9,7 @@ for the rollout group and the reward pool, and returns exactly
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +26,9 @@ class Collected:
     rewards: torch.Tensor  # [G, n] what the advantage estimator sees (shaped)
     valid: torch.Tensor  # [G, n] bool, False where the reward function failed
     metrics: dict[str, float]
+    # Extra keyword arguments of the advantage estimator: ReMax's greedy-rollout
+    # baseline ``baseline`` [G] and ``baseline_valid`` [G].
+    estimator_args: dict = field(default_factory=dict)
 
 
 class Collector:
@@ -67,16 +70,36 @@ class Collector:
         trajectories = [t for group, _, _ in chosen for t in group]
         rewards = torch.stack([r for _, r, _ in chosen])
         valid = torch.stack([v for _, _, v in chosen])
-        return Collected(trajectories, rewards, valid, metrics)
+        args = {}
+        if algo.adv_estimator == "remax":
+            args = self._greedy_baseline([group[0].prompt for group, _, _ in chosen], policy_version, timer)
+            metrics["reward/greedy_baseline_mean"] = args["baseline"].mean().item()
+        return Collected(trajectories, rewards, valid, metrics, args)
+
+    def _greedy_baseline(self, prompts: list[PromptSample], policy_version: int, timer) -> dict:
+        """ReMax: one greedy rollout per prompt, scored like the samples (Li et al. 2023)."""
+        params = SamplingParams(n=1, temperature=0.0, max_new_tokens=self.cfg.rollout.max_new_tokens,
+                                stop=tuple(self.cfg.rollout.stop))
+        with timer("rollout"):
+            groups = self.rollout.generate([list(p.prompt_ids) for p in prompts], params)
+        self._check_versions(groups, policy_version)
+        with timer("reward"):
+            scored = self._score(prompts, groups)
+        return {"baseline": torch.tensor([t.reward.total for t in scored], dtype=torch.float32),
+                "baseline_valid": torch.tensor([t.reward.error is None for t in scored])}
+
+    @staticmethod
+    def _check_versions(groups, policy_version: int) -> None:
+        stale = {c.policy_version for g in groups for c in g} - {policy_version}
+        if stale:
+            raise WorkerError(f"rollouts came from policy versions {sorted(stale)}, expected "
+                              f"{policy_version}: a replica missed a weight sync")
 
     def _sample_and_score(self, step: int, round_: int, policy_version: int, timer):
         prompts = self.stream.next_batch()
         with timer("rollout"):
             groups = self.rollout.generate([list(p.prompt_ids) for p in prompts], self.sampling_params(step, round_))
-        stale = {c.policy_version for g in groups for c in g} - {policy_version}
-        if stale:
-            raise WorkerError(f"rollouts came from policy versions {sorted(stale)}, expected "
-                              f"{policy_version}: a replica missed a weight sync")
+        self._check_versions(groups, policy_version)
         with timer("reward"):
             trajectories = self._score(prompts, groups)
         n = self.cfg.rollout.n

@@ -117,7 +117,7 @@ class Controller:
         # 5. Advantages from (KL-penalised, when kl_in_reward) rewards; failed samples take
         #    no part in group statistics.
         shaped, kl_metrics = self._kl_in_reward(rewards, batch)
-        advantages = self.advantage_fn(shaped, valid)
+        advantages = self.advantage_fn(shaped, valid, **collected.estimator_args)
         batch.advantages = outcome_advantages_per_token(advantages, batch.loss_mask)
         # 6. Update the policy: trainer.mini_batches optimizer steps per epoch.
         with timer("train"):

@@ -141,9 +141,8 @@ class AlgorithmConfig:
     def check(self) -> None:
         from rlpost.algorithms import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 
-        # Estimators the controller drives today; remax (greedy baseline rollout) and
-        # gae (critic) need extra stages and are accepted once those exist.
-        runnable = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+        # Estimators the controller drives today; gae needs a critic, accepted once it exists.
+        runnable = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax")
         _require(self.adv_estimator in runnable, "algorithm.adv_estimator",
                  f"must be one of {list(runnable)}, got {self.adv_estimator!r}")
         _require(self.policy_loss in POLICY_LOSSES, "algorithm.policy_loss",

@@ -79,3 +79,12 @@ def test_overlong_penalty_shapes_rewards_but_not_the_task_reward(tmp_path):
         # penalty: 0 up to 8 - 4 = 4 tokens, then -(L - 4) / 4 (DAPO eq. 13)
         expected = traj.reward.total - min(max(length - 4, 0) / 4, 1.0)
         assert abs(row - expected) < 1e-6, (length, row, expected)
+
+
+def test_remax_scores_one_greedy_rollout_per_prompt_as_the_baseline(tmp_path):
+    cfg, collector = make(tmp_path, "algorithm.adv_estimator=remax", flat=(0,))
+    out = collector.collect(step=1, policy_version=0, timer=timer)
+    baseline = out.estimator_args["baseline"]
+    # prompt 0 is flat (every completion scores 1); prompt 1 scores a completion by parity
+    assert baseline.shape == (2,) and baseline[0].item() == 1.0 and baseline[1].item() in (0.0, 1.0)
+    assert out.estimator_args["baseline_valid"].all()
