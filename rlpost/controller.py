@@ -66,6 +66,7 @@ class Controller:
         self.kl_controller = make_kl_controller(cfg.algorithm.kl_coef, cfg.algorithm.kl_target,
                                                 cfg.algorithm.kl_horizon)
         self.policy_version = 0
+        self.bad_updates = 0  # consecutive skipped (non-finite) updates
         self._warned_length_cap = False
 
     # ------------------------------------------------------------------ loop
@@ -136,6 +137,18 @@ class Controller:
         return metrics
 
     # ------------------------------------------------------------- stages
+    def _bad_update(self, step: int) -> None:
+        """A non-finite loss or gradient: the engine skipped the update. Too many in a
+        row means the run has diverged; stop instead of burning compute."""
+        self.bad_updates += 1
+        limit = self.cfg.trainer.max_bad_steps
+        self.tracker.message(f"step {step}: non-finite loss or gradient, update skipped "
+                             f"({self.bad_updates} of at most {limit} in a row)")
+        if self.bad_updates > limit:
+            raise TrainingError(f"{self.bad_updates} updates in a row had a non-finite loss or gradient "
+                                f"(trainer.max_bad_steps={limit}); the run has diverged: lower trainer.lr, "
+                                f"check the reward, or resume from an earlier checkpoint")
+
     def _kl_in_reward(self, rewards: torch.Tensor, batch: TrainBatch) -> tuple[torch.Tensor, dict]:
         """``r - beta * sum_t kl_t`` per sample (Ziegler et al. 2019) when
         ``algorithm.kl_in_reward``; the KL is of the sampling policy to the reference."""
@@ -163,8 +176,10 @@ class Controller:
                 if mini.global_num_tokens == 0:
                     continue
                 metrics = self.trainer.train_step(mini, self.loss_fn)
-                if metrics.get("skipped", 0.0):
-                    self.tracker.message(f"step {step}: non-finite loss or gradient, update skipped")
+                if metrics["skipped"]:
+                    self._bad_update(step)
+                else:
+                    self.bad_updates = 0
                 for key, value in metrics.items():
                     summed[key] = summed.get(key, 0.0) + value
                 updates += 1

@@ -67,8 +67,8 @@ def run(cfg: RunConfig) -> dict:
         return {}
 
     use_reference = cfg.algorithm.kl_coef > 0
-    stop_flag = _install_sigterm_handler()
     started = start_cluster(cfg)
+    stop_flag = _install_sigterm_handler()  # after ray.init, which may install its own
     groups = []
     tracker = Tracker(cfg.logger, out, cfg.trainer.total_steps, to_dict(cfg))
     try:

@@ -96,6 +96,7 @@ class TrainerConfig:
     mini_batches: int = 1  # optimizer steps per training step (PPO mini-batches)
     epochs: int = 1  # passes over the step's data
     micro_batch_size: int = 16  # rows per forward/backward on one rank
+    max_bad_steps: int = 3  # consecutive updates skipped for a non-finite loss/gradient before the run stops
 
     def check(self) -> None:
         _require(self.backend == "fsdp2", "trainer.backend", f"must be fsdp2, got {self.backend!r}")
@@ -111,6 +112,7 @@ class TrainerConfig:
         _require(self.grad_clip > 0, "trainer.grad_clip", "must be > 0")
         _require(self.mini_batches >= 1 and self.epochs >= 1, "trainer.mini_batches/epochs", "must be >= 1")
         _require(self.micro_batch_size >= 1, "trainer.micro_batch_size", "must be >= 1")
+        _require(self.max_bad_steps >= 0, "trainer.max_bad_steps", "must be >= 0")
 
 
 @dataclass

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from rlpost.engines.base import LossFn
-from rlpost.errors import TrainingError
 from rlpost.types import Completion, ModelOutput, SamplingParams, TrainBatch
 
 
@@ -158,22 +157,24 @@ class FakeTrainEngine:
                            entropy=torch.cat([p.entropy for p in parts]) if with_entropy else None)
 
     def train_step(self, batch: TrainBatch, loss_fn: LossFn, micro_batch_size: int) -> dict[str, float]:
+        """Like FSDPEngine: a non-finite loss or gradient skips the update (no
+        optimizer step) and reports ``skipped=1.0``; the controller decides when to stop."""
         self.optimizer.zero_grad(set_to_none=True)
         metrics: dict[str, float] = {}
+        finite = True
         for micro in batch.chunks(micro_batch_size):
             loss, micro_metrics = loss_fn(self._forward(micro, with_entropy=True), micro)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"loss is {loss.item()} at step {self.step}; check the loss inputs "
-                                    f"(advantages, logprobs) for NaN/inf")
+            finite = finite and bool(torch.isfinite(loss))
             loss.backward()
             for key, value in micro_metrics.items():
                 metrics[key] = metrics.get(key, 0.0) + float(value)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        if not torch.isfinite(grad_norm):
-            raise TrainingError(f"gradient norm is {grad_norm.item()} at step {self.step}")
+        if not (finite and torch.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return {**metrics, "grad_norm": float(grad_norm), "lr": self.lr, "skipped": 1.0}
         self.optimizer.step()
         self.step += 1
-        return {**metrics, "grad_norm": float(grad_norm), "lr": self.lr}
+        return {**metrics, "grad_norm": float(grad_norm), "lr": self.lr, "skipped": 0.0}
 
     def named_full_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in self.model.state_dict().items():

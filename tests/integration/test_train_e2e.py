@@ -68,3 +68,38 @@ def test_config_typo_fails_before_anything_starts(tmp_path):
     assert proc.returncode == 2
     assert "trainer.total_steps" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.integration
+def test_sigterm_checkpoints_then_resume_matches_an_uninterrupted_run(tmp_path):
+    import signal
+    import time
+
+    args = [*SMALL, "trainer.total_steps=3", "trainer.save_every=0", "eval.every=0"]
+    whole = tmp_path / "whole"
+    proc = _train([*args, f"output_dir={whole}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    cut = tmp_path / "cut"
+    child = subprocess.Popen([sys.executable, "-m", "rlpost.train", *args, f"output_dir={cut}"], cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (cut / "metrics.jsonl").exists():
+            time.sleep(0.2)
+        child.send_signal(signal.SIGTERM)  # by pid: the run we started
+        out, err = child.communicate(timeout=300)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 75, err[-3000:]
+    stopped_at = int((cut / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert 1 <= stopped_at < 3
+
+    proc = _train([*args, f"output_dir={cut}", "resume=auto"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    keys = ["reward/mean", "policy/loss", "policy/grad_norm", "policy/kl", "response/length_mean"]
+    a, b = _metrics(whole), _metrics(cut)
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b):
+        assert {k: ra[k] for k in keys} == {k: rb[k] for k in keys}, ra["step"]

@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from rlpost.checkpoint import CheckpointManager, read_state
 from rlpost.config.convert import to_dict
@@ -256,3 +257,26 @@ def test_stop_request_finishes_the_step_checkpoints_and_raises(tmp_path):
     latest = CheckpointManager(tmp_path / "run" / "checkpoints", 2).latest()
     assert latest is not None and read_state(latest).step == 1
     assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [0, 1]
+
+
+def test_nan_updates_are_skipped_then_stop_the_run(tmp_path):
+    # Poison the loss: every update is non-finite. The first max_bad_steps are skipped
+    # (weights unchanged, reported); one more stops the run with a clear error.
+    from rlpost.algorithms import make_policy_loss_fn
+
+    cfg = make_cfg(tmp_path / "run", "trainer.max_bad_steps=2", "trainer.mini_batches=1")
+    controller = build(cfg, make_samples())
+    good = make_policy_loss_fn(cfg.algorithm)
+
+    def poisoned(out, mb):
+        loss, metrics = good(out, mb)
+        return loss * float("nan"), metrics
+
+    controller.loss_fn = poisoned
+    before = controller.trainer.engine.model.table.weight.detach().clone()
+    metrics = controller.step(1)
+    assert metrics["policy/skipped"] == 1.0
+    assert torch.equal(controller.trainer.engine.model.table.weight, before)
+    controller.step(2)
+    with pytest.raises(TrainingError, match="max_bad_steps=2"):
+        controller.step(3)

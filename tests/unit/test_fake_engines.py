@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from rlpost.engines.fake import FakeRolloutEngine, FakeTrainEngine, digits_decode
-from rlpost.errors import TrainingError
 from rlpost.types import SamplingParams, TrainBatch
 
 PROMPTS = [[5, 6, 7], [8], [9, 10]]
@@ -118,10 +117,12 @@ def test_fake_train_loss_decreases_and_microbatches_do_not_change_the_step():
     torch.testing.assert_close(whole.model.table.weight, split.model.table.weight)
 
 
-def test_fake_train_nan_loss_raises():
+def test_fake_train_nan_loss_skips_the_update():
     engine = FakeTrainEngine(vocab_size=8)
-    with pytest.raises(TrainingError, match="loss is nan"):
-        engine.train_step(_batch([[1, 2]], 2), lambda out, b: (out.logprobs.sum() * float("nan"), {}), 1)
+    before = engine.model.table.weight.detach().clone()
+    metrics = engine.train_step(_batch([[1, 2]], 2), lambda out, b: (out.logprobs.sum() * float("nan"), {}), 1)
+    assert metrics["skipped"] == 1.0 and engine.step == 0
+    torch.testing.assert_close(engine.model.table.weight, before)
 
 
 def test_fake_train_save_load_and_weights_reach_a_rollout_engine(tmp_path):
