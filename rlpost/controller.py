@@ -30,7 +30,7 @@ from rlpost.config.schema import RunConfig
 from rlpost.data.stream import PromptStream
 from rlpost.errors import Preempted, TrainingError
 from rlpost.evaluation import evaluate
-from rlpost.tracking import Tracker
+from rlpost.tracking import Tracker, trajectory_rows
 from rlpost.types import PromptSample, TrainBatch
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ class Controller:
         #      step - 1, score them (DAPO: shape rewards, resample uninformative groups).
         collected = self.collector.collect(step, self.policy_version, timer)
         trajectories, rewards, valid = collected.trajectories, collected.rewards, collected.valid
+        self.tracker.log_samples(step, trajectory_rows(trajectories, limit=4))
         batch = build_train_batch(trajectories, self.pad_id)
         if self.cfg.algorithm.overlong_filter:
             # DAPO overlong filtering: truncated samples keep their place in the group
