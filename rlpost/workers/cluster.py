@@ -42,7 +42,9 @@ def start_cluster(cfg: RunConfig) -> bool:
         if key in os.environ:
             env[key] = os.environ[key]
     if cfg.ray.address:
-        ray.init(address=cfg.ray.address, runtime_env={"env_vars": env}, log_to_driver=True)
+        # Joining a cluster (possibly from inside a Ray job, whose runtime env Ray
+        # refuses to have overridden): actors pin their own threads in __init__.
+        ray.init(address=cfg.ray.address, log_to_driver=True)
     else:
         # Logical CPUs may exceed cores: actors mostly wait on each other, and each is
         # pinned to one thread, so one CPU slot per actor is what we need.

@@ -1,0 +1,5 @@
+import sys
+
+from rlpost.launch.cli import main
+
+sys.exit(main())
