@@ -63,8 +63,11 @@ nodes=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))
 head=${nodes[0]}
 if [ "$SLURM_JOB_NUM_NODES" -eq 1 ]; then
   head_ip=127.0.0.1  # one node: keep Ray on loopback
+  # Ray on Linux swaps a 127.0.0.1 node address for the routable one unless told not to.
+  export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 else
-  head_ip=$(srun --overlap --nodes=1 --ntasks=1 -w "$head" hostname --ip-address | awk '{print $1}')
+  # `hostname --ip-address` can answer 127.0.1.1 on Debian hosts; -I lists real addresses.
+  head_ip=$(srun --overlap --nodes=1 --ntasks=1 -w "$head" hostname -I | awk '{print $1}')
 fi
 # Free ports on the head, so jobs sharing a node do not collide on Ray's defaults.
 read -r ray_port client_port < <(@@{on_head}python -c 'import socket
