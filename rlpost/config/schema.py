@@ -59,7 +59,7 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"  # hf | fake
+    engine: str = "hf"  # hf | vllm | auto (vllm if installed, else hf) | fake
     replicas: int = 1
     n: int = 4  # samples per prompt (the GRPO group size)
     temperature: float = 1.0
@@ -67,10 +67,15 @@ class RolloutConfig:
     top_k: int = -1
     max_new_tokens: int = 64
     stop: list[str] = field(default_factory=list)
-    batch_size: int = 64  # sequences one engine call generates at once
+    batch_size: int = 64  # sequences one engine call generates at once (hf)
+    # vllm only:
+    kv_cache_gb: float = 1.0  # KV cache size per replica; 0 = from gpu_memory_utilization (GPU)
+    gpu_memory_utilization: float = 0.5  # fraction of GPU memory vLLM may take when kv_cache_gb is 0
+    enforce_eager: bool = True  # no CUDA graphs / torch.compile: fast start, slower decode on GPU
 
     def check(self) -> None:
-        _require(self.engine in ("hf", "fake"), "rollout.engine", f"must be one of hf, fake; got {self.engine!r}")
+        engines = ("hf", "vllm", "auto", "fake")
+        _require(self.engine in engines, "rollout.engine", f"must be one of {', '.join(engines)}; got {self.engine!r}")
         _require(self.replicas >= 1, "rollout.replicas", f"must be >= 1, got {self.replicas}")
         _require(self.n >= 1, "rollout.n", f"must be >= 1 (samples per prompt), got {self.n}")
         _require(self.temperature >= 0, "rollout.temperature", "must be >= 0 (0 = greedy)")
@@ -78,6 +83,9 @@ class RolloutConfig:
         _require(self.top_k == -1 or self.top_k >= 1, "rollout.top_k", "must be -1 (off) or >= 1")
         _require(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
         _require(self.batch_size >= 1, "rollout.batch_size", "must be >= 1")
+        _require(self.kv_cache_gb >= 0, "rollout.kv_cache_gb", f"must be >= 0 (0 = size from gpu_memory_utilization), got {self.kv_cache_gb}")
+        _require(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
+                 f"must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
 @dataclass

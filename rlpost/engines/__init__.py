@@ -2,16 +2,47 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import logging
+
 from rlpost.config.schema import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+def resolve_rollout_engine(name: str) -> str:
+    """The concrete engine for ``rollout.engine``: ``auto`` is ``vllm`` when vLLM is
+    importable here, else ``hf``; any other name is returned as is."""
+    return _auto_engine() if name == "auto" else name
+
+
+@functools.cache  # one log line per process
+def _auto_engine() -> str:
+    if importlib.util.find_spec("vllm") is not None:
+        log.info("rollout.engine=auto: using vllm")
+        return "vllm"
+    log.warning("rollout.engine=auto: vLLM is not installed, falling back to the hf engine "
+                "(pip install -e '.[vllm]' for faster rollouts)")
+    return "hf"
 
 
 def make_rollout_engine(cfg: RunConfig, model_path: str, seed: int):
     """The rollout engine named by ``cfg.rollout.engine``."""
-    if cfg.rollout.engine == "hf":
+    engine = resolve_rollout_engine(cfg.rollout.engine)
+    if engine == "hf":
         from rlpost.engines.hf_rollout import HFRolloutEngine
 
         return HFRolloutEngine(model_path, dtype=cfg.model.dtype, seed=seed, batch_size=cfg.rollout.batch_size)
-    if cfg.rollout.engine == "fake":
+    if engine == "vllm":
+        from rlpost.engines.vllm_rollout import VLLMRolloutEngine
+
+        return VLLMRolloutEngine(model_path, dtype=cfg.model.dtype, seed=seed,
+                                 max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
+                                 kv_cache_gb=cfg.rollout.kv_cache_gb,
+                                 gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                                 enforce_eager=cfg.rollout.enforce_eager)
+    if engine == "fake":
         from rlpost.engines.fake import FakeRolloutEngine
 
         return FakeRolloutEngine(seed=seed)

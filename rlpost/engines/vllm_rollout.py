@@ -1,0 +1,328 @@
+"""Rollout engine on vLLM, run in-process, with in-place weight updates.
+
+Matches ``HFRolloutEngine`` semantics (``rlpost.engines.hf_rollout``), so the two are
+interchangeable behind ``RolloutEngine``:
+
+- ``token_ids`` keep the EOS token when it ended the sample (vLLM 0.32 returns it in
+  ``CompletionOutput.token_ids``; it only leaves it out of the text).
+- On a stop string the completion keeps every token up to and including the one
+  that completed the string (vLLM 0.32 drops the later ones), and ``text`` is the
+  decode of exactly those tokens, special tokens skipped, so the reward sees the
+  text of the trained tokens. vLLM's own ``text`` is not used.
+- ``logprobs`` are the sampler's: the engine runs with
+  ``logprobs_mode="processed_logprobs"``, i.e. ``log_softmax`` after temperature,
+  top-k and top-p, at the sampled token (``SamplingParams.logprobs=0`` asks for the
+  sampled token only). vLLM's default, ``raw_logprobs``, would report the
+  untempered, untruncated distribution and bias the importance ratio whenever
+  temperature != 1 or top-k/top-p is on. Greedy requests report the plain softmax,
+  as the HF engine does.
+- Randomness belongs to the engine: every request gets an explicit vLLM seed drawn
+  from the engine's ``torch.Generator`` (or, for a call with ``SamplingParams.seed``,
+  from a generator seeded with it), so a fixed engine seed and the same sequence of
+  calls reproduce the same completions. vLLM gives the ``n`` samples of a prompt
+  seeds ``s, s+1, ...``. Unseeded vLLM requests would draw from the process-global
+  torch RNG instead. vLLM refuses ``n > 1`` with greedy sampling, so greedy calls
+  ask for one sample and repeat it ``n`` times.
+
+vLLM 0.32 on CPU needs three workarounds, each in one named place below: a tied LM
+head is not repacked by an in-place reload (``_repack_tied_lm_head``); a seeded
+request whose prefill is chunked crashes the CPU sampler (chunked prefill is off);
+and the CPU worker replaces ``torch.set_num_threads`` process-wide
+(``_restore_set_num_threads``).
+
+Weight updates go through vLLM's in-place reload (``reload_weights``, the
+checkpoint-format path that re-runs any weight repacking the CPU kernels need): the
+incoming ``(HF name, tensor)`` iterator is streamed straight into the model loader,
+which keeps at most about one layer of pending tensors, never a second full copy.
+Then the prefix cache, computed with the old weights, is dropped.
+
+Process model. ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` runs vLLM's engine core and its
+single worker inside this process: no child processes (so it lives inside a Ray
+actor), about 2 s to start, and ``collective_rpc`` calls the worker directly, which
+is what lets ``update_weights`` hand it a live iterator. What differs on GPU: the
+in-process mode works there too for ``tensor_parallel_size=1``; with tensor
+parallelism vLLM needs its worker processes, tensors do not survive
+``collective_rpc`` pickling, and weights must instead arrive inside each worker
+(a ``worker_extension_cls`` method joining the NCCL weight-sync group and calling
+``model_runner.reload_weights``), with ``enable_sleep_mode`` to free the KV cache
+while a colocated trainer runs. That GPU path is not implemented here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from rlpost.errors import ModelError
+from rlpost.types import Completion, SamplingParams
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_SEED_HIGH = 2**62  # per-request seeds; vLLM adds the sample index, so stay below 2**63
+_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM 0.32 CPU attention
+
+
+class VLLMRolloutEngine:
+    """``RolloutEngine`` over ``vllm.LLM`` in this process; holds one policy version.
+
+    ``kv_cache_gb`` sizes the KV cache explicitly (required on CPU, where vLLM's
+    memory probe refuses to start on small NUMA nodes); 0 lets vLLM size it from
+    ``gpu_memory_utilization`` (GPU). ``max_model_len`` caps prompt + completion
+    tokens (None: the model's own limit).
+    """
+
+    def __init__(self, model_path: str, dtype: str = "float32", seed: int = 0, max_model_len: int | None = None,
+                 kv_cache_gb: float = 1.0, gpu_memory_utilization: float = 0.5, enforce_eager: bool = True):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+        if kv_cache_gb < 0:
+            raise ValueError(f"kv_cache_gb must be >= 0 (0 = size from gpu_memory_utilization), got {kv_cache_gb}")
+        # Must be set before vLLM reads its environment (at engine construction).
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
+            raise ModelError("VLLMRolloutEngine runs vLLM in-process; unset VLLM_ENABLE_V1_MULTIPROCESSING "
+                             "or set it to 0")
+        from vllm import LLM
+
+        self._tied = _tied_embeddings(model_path)
+        self._checkpoint = _checkpoint_shapes(model_path)
+        if self._tied:  # one tensor, received under either name (see _WeightStream)
+            self._checkpoint.pop("lm_head.weight", None)
+        _check_cpu_head_size(model_path)
+        kwargs = dict(model=model_path, dtype=dtype, seed=seed, enforce_eager=enforce_eager,
+                      max_model_len=max_model_len, logprobs_mode="processed_logprobs",
+                      gpu_memory_utilization=gpu_memory_utilization,
+                      # vLLM 0.32 rewinds a seeded request's generator after a partial
+                      # (chunked) prefill with Generator.set_offset, which CPU generators
+                      # lack ("CPU Generator does not use offset"); every request here is
+                      # seeded, so prompts are prefilled whole.
+                      enable_chunked_prefill=False)
+        if kv_cache_gb > 0:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
+        set_num_threads = torch.set_num_threads
+        try:
+            self.llm = LLM(**kwargs)
+        except Exception as exc:
+            raise ModelError(f"vLLM cannot load {model_path!r}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            _restore_set_num_threads(set_num_threads)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
+        self.generator = torch.Generator().manual_seed(seed)
+        self.policy_version = 0
+        self._weights_ok = True  # False after an update_weights that failed part-way
+
+    # ------------------------------------------------------------------ generate
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
+        """``params.n`` completions for every prompt, in prompt order."""
+        from vllm.inputs import TokensPrompt
+
+        if not self._weights_ok:
+            raise ModelError("the last update_weights failed part-way; the model holds a mix of versions. "
+                             "Send a full, valid set of weights before generating again.")
+        _check_params(params)
+        requests = []
+        for i, prompt in enumerate(prompts):
+            prompt = [int(t) for t in prompt]
+            if not prompt:
+                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+            if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+                raise ValueError(f"prompt {i} has token ids outside [0, {self.vocab_size})")
+            requests.append(TokensPrompt(prompt_token_ids=prompt))
+        if not requests:
+            return []
+        generator = self.generator if params.seed is None else torch.Generator().manual_seed(params.seed)
+        seeds = torch.randint(0, _SEED_HIGH, (len(requests),), generator=generator).tolist()
+        # vLLM refuses n > 1 with greedy sampling; the n greedy samples are one sample repeated.
+        copies = params.n if params.greedy else 1
+        outputs = self.llm.generate(requests, [_vllm_params(params, s, params.n // copies) for s in seeds],
+                                    use_tqdm=False)
+        return [[self._completion(c) for c in out.outputs] * copies for out in outputs]
+
+    def _completion(self, output) -> Completion:
+        token_ids = tuple(int(t) for t in output.token_ids)
+        if output.finish_reason not in ("stop", "length"):
+            raise ModelError(f"vLLM finished a request with {output.finish_reason!r}; expected stop or length")
+        if output.logprobs is None or len(output.logprobs) != len(token_ids):
+            raise ModelError("vLLM returned no sampler log-prob for some tokens")
+        return Completion(
+            token_ids=token_ids,
+            logprobs=tuple(float(step[t].logprob) for step, t in zip(output.logprobs, token_ids)),
+            text=self.tokenizer.decode(list(token_ids), skip_special_tokens=True),
+            finish_reason=output.finish_reason,
+            policy_version=self.policy_version,
+        )
+
+    # ------------------------------------------------------------------ weights
+
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Reload ``(HF name, tensor)`` pairs into the running model in place, then serve ``version``.
+
+        Names and shapes are those of the checkpoint the engine started from (the
+        HF ``state_dict``); with tied embeddings either name of the tied pair may be
+        sent (or both; the first one received is used). Every weight must be
+        covered. Tensors are streamed into vLLM's loader one at a time. The iterator
+        is always consumed to the end, even on error, so a streaming sender
+        (``rlpost.weight_sync``) is never left waiting; the error is raised
+        afterwards and the engine refuses to generate until a good update arrives.
+        """
+        check = _WeightStream(weights, self._checkpoint, self._tied)
+        self._weights_ok = False
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(check),
+                                                              "is_checkpoint_format": True})
+            if self._tied:
+                self.llm.collective_rpc(_repack_tied_lm_head)
+        except Exception as exc:  # vLLM rejected a tensor: keep draining, then report it
+            check.fail(f"vLLM could not load the weights: {type(exc).__name__}: {exc}")
+        check.drain()
+        self.llm.reset_prefix_cache()
+        if check.error is not None:
+            raise ModelError(f"update_weights to version {version} failed: {check.error}. "
+                             f"Weight names must match the rollout model's checkpoint (HF state_dict).")
+        self._weights_ok = True
+        self.policy_version = version
+
+
+class _WeightStream:
+    """Checks each ``(name, tensor)`` against the checkpoint before vLLM sees it.
+
+    On the first bad tensor it stops feeding vLLM (a mismatched tensor would
+    otherwise fail deep inside its loader) and remembers the error; ``drain``
+    then consumes the rest of the source iterator.
+    """
+
+    def __init__(self, weights: Iterable[tuple[str, torch.Tensor]],
+                 expected: dict[str, tuple[int, ...]], tied: bool):
+        self.source = iter(weights)
+        self.expected = expected
+        self.tied = tied
+        self.seen: set[str] = set()
+        self.error: str | None = None
+
+    def fail(self, error: str) -> None:
+        if self.error is None:
+            self.error = error
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in self.source:
+            if self.tied and name == "lm_head.weight":
+                name = "model.embed_tokens.weight"  # vLLM's tied models skip lm_head.*
+            if name not in self.expected:
+                import difflib
+
+                close = difflib.get_close_matches(name, self.expected.keys(), n=3)
+                self.fail(f"unknown weight name {name!r}" + (f"; did you mean {close}?" if close else ""))
+            elif tuple(tensor.shape) != self.expected[name]:
+                self.fail(f"weight {name!r} has shape {tuple(tensor.shape)}, the model expects {self.expected[name]}")
+            if self.error is not None:
+                return
+            if name in self.seen:
+                continue  # the other half of a tied pair
+            self.seen.add(name)
+            yield name, tensor
+        if not self.seen:
+            self.fail("received no tensors")
+        missing = sorted(set(self.expected) - self.seen)
+        if missing:
+            self.fail(f"{len(missing)} weights were not sent, e.g. {missing[:3]}")
+
+    def drain(self) -> None:
+        for _ in self.source:
+            pass
+
+
+def _vllm_params(params: SamplingParams, seed: int, n: int):
+    from vllm import SamplingParams as VLLMSamplingParams
+
+    return VLLMSamplingParams(
+        n=n,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k if params.top_k > 0 else 0,
+        max_tokens=params.max_new_tokens,
+        stop=list(params.stop) or None,
+        include_stop_str_in_output=True,
+        seed=seed,
+        logprobs=0,  # the sampled token's log-prob only
+    )
+
+
+def _check_params(params: SamplingParams) -> None:
+    from rlpost.engines.hf_rollout import _check_params as check
+
+    check(params)
+
+
+def _checkpoint_shapes(model_path: str) -> dict[str, tuple[int, ...]]:
+    """HF name -> shape of every tensor in the folder's safetensors files (metadata only)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_path).glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{model_path!r} has no *.safetensors files; the vLLM engine needs a local "
+                         f"safetensors checkpoint (save_pretrained writes one)")
+    shapes = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
+
+
+def _tied_embeddings(model_path: str) -> bool:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return bool(getattr(text, "tie_word_embeddings", False))
+
+
+def _check_cpu_head_size(model_path: str) -> None:
+    """Fail at construction, not at the first forward, on a head size vLLM's CPU
+    attention has no kernel for (vLLM 0.32: 32, 64, 80, ... 512)."""
+    if torch.cuda.is_available():
+        return
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head not in _CPU_HEAD_SIZES:
+        raise ModelError(f"vLLM's CPU attention supports head sizes {list(_CPU_HEAD_SIZES)}; {model_path!r} "
+                         f"has {head}. Use rollout.engine=hf for this model.")
+
+
+def _repack_tied_lm_head(worker) -> None:
+    """Rebuild the CPU GEMM of a tied LM head after an in-place reload (vLLM 0.32 bug).
+
+    On CPU, vLLM prepacks every linear weight (``dispatch_cpu_unquantized_gemm``:
+    oneDNN or sgl-kernel keep their own copy). A tied LM head shares its weight with
+    the embedding but receives no tensors of its own, so ``reload_weights`` updates
+    the shared weight and never repacks the head: logits keep coming from the old
+    weights. Re-running the head's weight processing repacks it from the new values;
+    it is idempotent. GPUs read the weight directly and are unaffected. Guarded to
+    the versions ``pyproject.toml`` allows; test_vllm_rollout's tied-embedding test
+    (log-probs against HF after an update) says whether a newer vLLM still needs it.
+    """
+    import vllm
+
+    if not vllm.__version__.startswith("0.32.") or torch.cuda.is_available():
+        return
+    head = getattr(worker.model_runner.get_model(), "lm_head", None)
+    if head is not None and hasattr(head, "cpu_linear"):
+        head.quant_method.process_weights_after_loading(head)
+
+
+def _restore_set_num_threads(original) -> None:
+    """Undo vLLM's process-wide ``torch.set_num_threads`` patch.
+
+    vLLM 0.32's CPU worker replaces ``torch.set_num_threads`` with a no-op that logs
+    a warning (it assumes it owns a process whose threads it has pinned). In-process,
+    that would silence every later caller in this process (the Ray actor, tests).
+    In-process vLLM pins no threads, so the original function is safe to restore.
+    """
+    if torch.set_num_threads is not original:
+        torch.set_num_threads = original
