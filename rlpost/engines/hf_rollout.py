@@ -85,12 +85,7 @@ class HFRolloutEngine:
         _check_params(params)
         rows = []
         for i, prompt in enumerate(prompts):
-            prompt = [int(t) for t in prompt]
-            if not prompt:
-                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
-            if min(prompt) < 0 or max(prompt) >= self.vocab_size:
-                raise ValueError(f"prompt {i} has token ids outside [0, {self.vocab_size})")
-            rows.extend([prompt] * params.n)
+            rows.extend([check_prompt(prompt, i, self.vocab_size)] * params.n)
         generator = self.generator if params.seed is None else torch.Generator().manual_seed(params.seed)
         completions: list[Completion] = []
         for start in range(0, len(rows), self.batch_size):
@@ -234,6 +229,16 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams,
         logprobs = torch.log_softmax(logits, dim=-1)
         tokens = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def check_prompt(prompt: Sequence[int], index: int, vocab_size: int) -> list[int]:
+    """``prompt`` as a list of ints; a clear error for an empty prompt or ids outside the vocabulary."""
+    prompt = [int(t) for t in prompt]
+    if not prompt:
+        raise ValueError(f"prompt {index} is empty; every prompt needs at least one token")
+    if min(prompt) < 0 or max(prompt) >= vocab_size:
+        raise ValueError(f"prompt {index} has token ids outside [0, {vocab_size})")
+    return prompt
 
 
 def _check_params(params: SamplingParams) -> None:

@@ -120,18 +120,15 @@ class VLLMRolloutEngine:
         """``params.n`` completions for every prompt, in prompt order."""
         from vllm.inputs import TokensPrompt
 
+        from rlpost.engines.hf_rollout import check_prompt
+
         if not self._weights_ok:
             raise ModelError("the last update_weights failed part-way; the model holds a mix of versions. "
                              "Send a full, valid set of weights before generating again.")
         _check_params(params)
         requests = []
         for i, prompt in enumerate(prompts):
-            prompt = [int(t) for t in prompt]
-            if not prompt:
-                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
-            if min(prompt) < 0 or max(prompt) >= self.vocab_size:
-                raise ValueError(f"prompt {i} has token ids outside [0, {self.vocab_size})")
-            requests.append(TokensPrompt(prompt_token_ids=prompt))
+            requests.append(TokensPrompt(prompt_token_ids=check_prompt(prompt, i, self.vocab_size)))
         if not requests:
             return []
         generator = self.generator if params.seed is None else torch.Generator().manual_seed(params.seed)
