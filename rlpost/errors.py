@@ -7,6 +7,9 @@
     ├── RewardError        a reward function is unusable as a whole (not one bad sample)
     ├── TrainingError      the update itself failed (NaN loss, diverged)
     ├── WorkerError        a Ray actor died or a collective timed out
+    │   └── TrainerLost    a trainer rank died; the supervisor rebuilds the group
+    ├── SandboxError       the code sandbox service is unreachable, overloaded past the
+    │                      client's retries, refused a request, or cannot isolate code
     └── Preempted          SIGTERM arrived; a checkpoint was written (exit code 75)
 """
 
@@ -37,6 +40,17 @@ class TrainingError(RlpostError):
 
 class WorkerError(RlpostError):
     pass
+
+
+class TrainerLost(WorkerError):
+    """A trainer rank died (or stopped answering), so the whole trainer group is
+    unusable. ``rlpost.supervisor`` catches it and rebuilds the group from the latest
+    checkpoint, up to ``trainer.max_restarts`` times."""
+
+
+class SandboxError(RlpostError):
+    """Infrastructure failure of the code sandbox, never the sandboxed program's own
+    failure: a program that times out or crashes is a ``RunResult``, not an exception."""
 
 
 class Preempted(RlpostError):
