@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import shutil
 from collections.abc import Iterator
 
 import torch
@@ -43,17 +42,12 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from rlpost.config.schema import ModelConfig, TrainerConfig
+from rlpost.engines import hf_io, microbatch
 from rlpost.engines.base import LossFn
 from rlpost.errors import ConfigError, ModelError
 from rlpost.types import ModelOutput, TrainBatch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# Files an HF model folder may carry besides config and weights; export_hf copies them.
-_TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
-    "generation_config.json",
-)
 MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 
@@ -79,6 +73,18 @@ def sequence_logprobs(
         ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
         entropy = torch.cat([first, ent * valid], dim=1)
     return ModelOutput(logprobs=logprobs, entropy=entropy)
+
+
+def sequence_values(head_out: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-token values aligned like ``sequence_logprobs`` (see rlpost.types).
+
+    head_out: [B, T, 1], a scalar per position from a forward over input_ids.
+    ``values[:, t] = head_out[:, t - 1]``: the value of the state that has seen
+    ``input_ids[:, :t]``, before token t is generated. Position 0 and padding are 0.
+    Float32, differentiable.
+    """
+    scores = head_out[:, :-1, 0].float() * attention_mask[:, 1:].float()
+    return torch.cat([scores.new_zeros(scores.shape[0], 1), scores], dim=1)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
@@ -111,6 +117,7 @@ class FSDPEngine:
         trainable: bool = True,
         seed: int = 0,
         logit_temperature: float = 1.0,
+        head: str = "lm",
     ) -> None:
         if not dist.is_initialized():
             raise RuntimeError("FSDPEngine needs torch.distributed initialised first (gloo on CPU, nccl on GPU)")
@@ -118,6 +125,9 @@ class FSDPEngine:
             raise ConfigError("trainer: a trainable FSDPEngine needs a TrainerConfig (only the frozen reference may omit it)")
         if model_cfg.dtype not in _DTYPES:
             raise ConfigError(f"model.dtype: must be one of {sorted(_DTYPES)}, got {model_cfg.dtype!r}")
+        if head not in ("lm", "value"):
+            raise ValueError(f"head must be 'lm' (policy/reference) or 'value' (critic), got {head!r}")
+        self.head = head
         self.model_cfg, self.trainer_cfg, self.trainable = model_cfg, trainer_cfg, trainable
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.device = (
@@ -129,13 +139,17 @@ class FSDPEngine:
         # the PPO ratio is biased at any temperature but 1. (top-p/top-k truncation is
         # not replayed: the ratio uses the full tempered softmax, as verl does.)
         self.logit_temperature = logit_temperature if logit_temperature > 0 else 1.0
+        # Packing and chunked log-softmax (rlpost.engines.microbatch), policy/reference only.
+        self._forward_opts = microbatch.ForwardOptions(
+            self.logit_temperature, packing=bool(trainer_cfg and trainer_cfg.packing),
+            logprob_chunk_tokens=trainer_cfg.logprob_chunk_tokens if trainer_cfg else 0)
         self.dtype = _DTYPES[model_cfg.dtype]  # dtype weights leave the engine in
         # bf16 training keeps fp32 master weights; see module docstring.
         master_dtype = torch.float32 if trainable else self.dtype
         torch.manual_seed(seed)
         self.model = self._load(model_path, master_dtype)
         # name -> name of the first parameter it shares storage with (tied embeddings).
-        self._aliases = _shared_parameter_aliases(self.model)
+        self._aliases = hf_io.shared_parameter_aliases(self.model)
         self._shard(mixed=trainable and self.dtype != torch.float32)
 
         self.optimizer: torch.optim.Optimizer | None = None
@@ -148,14 +162,36 @@ class FSDPEngine:
 
     # ------------------------------------------------------------------ setup
     def _load(self, model_path: str, dtype: torch.dtype) -> torch.nn.Module:
-        from transformers import AutoModelForCausalLM
+        if self.head == "value":
+            return self._load_value_model(model_path, dtype)
+        return hf_io.load_causal_lm(model_path, self.model_cfg, dtype,
+                                    gradient_checkpointing=self.trainable and self.model_cfg.gradient_checkpointing)
 
+    def _load_value_model(self, model_path: str, dtype: torch.dtype) -> torch.nn.Module:
+        """The base model of ``model_path`` with a scalar head (``*ForTokenClassification``,
+        one label) instead of the LM head: a PPO critic. A head missing from the folder
+        (a policy checkpoint) starts at zero, so every value starts at 0 instead of at
+        noise; no dropout before it, so old and new values come from the same function."""
+        from transformers import AutoConfig, AutoModelForTokenClassification
+        from transformers.utils import logging as hf_logging
+
+        remote = self.model_cfg.trust_remote_code
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its "score.* MISSING" load report is expected here
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                model_path, dtype=dtype, trust_remote_code=self.model_cfg.trust_remote_code
-            )
+            config = AutoConfig.from_pretrained(model_path, num_labels=1, trust_remote_code=remote)
+            config.classifier_dropout = 0.0  # HF's default for models without one is 0.1
+            model, info = AutoModelForTokenClassification.from_pretrained(
+                model_path, config=config, dtype=dtype, output_loading_info=True, trust_remote_code=remote)
         except (OSError, ValueError) as e:
-            raise ModelError(f"cannot load {model_path!r} with AutoModelForCausalLM: {e}") from e
+            raise ModelError(f"cannot load {model_path!r} as a value model (AutoModelForTokenClassification): {e}") from e
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        missing = set(info["missing_keys"])
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in missing:  # the fresh head (``score.*`` in Qwen2/Llama)
+                    param.zero_()
         model.config.use_cache = False
         if self.trainable and self.model_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -197,13 +233,25 @@ class FSDPEngine:
         return dataclasses.replace(batch, **moved)
 
     def _forward(self, mb: TrainBatch, with_entropy: bool) -> ModelOutput:
+        if self.head == "lm" and (self._forward_opts.packing or self._forward_opts.logprob_chunk_tokens):
+            return microbatch.forward(self.model, mb, self._forward_opts, with_entropy)
         mask = mb.attention_mask
         # Right padding: real tokens sit at 0..len-1; pads get clamped positions.
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
         logits = self.model(input_ids=mb.input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+        if self.head == "value":
+            return ModelOutput(logprobs=None, values=sequence_values(logits, mask))
         if self.logit_temperature != 1.0:
             logits = logits / self.logit_temperature
         return sequence_logprobs(logits, mb.input_ids, mask, with_entropy)
+
+    def _train_micro_batches(self, batch: TrainBatch, size: int) -> list[TrainBatch | None]:
+        """Micro-batches for train_step: ``size`` rows, or a token budget
+        (``trainer.max_tokens_per_microbatch``), each trimmed to its longest row; the
+        row order does not matter to a summed loss, so they need not stay in order."""
+        cfg = self.trainer_cfg
+        parts = microbatch.split(batch, size, cfg.max_tokens_per_microbatch, cfg.packing) if batch.size else []
+        return microbatch.pad_count([p.batch for p in parts], self.device)
 
     def _micro_batches(self, batch: TrainBatch, size: int) -> list[TrainBatch | None]:
         """Chunks of ``batch``, padded with ``None`` (a dummy forward) up to the largest
@@ -247,6 +295,26 @@ class FSDPEngine:
             logprobs=torch.cat(logprobs), entropy=torch.cat(entropy) if with_entropy else None
         )
 
+    @torch.no_grad()
+    def forward_values(self, batch: TrainBatch, *, micro_batch_size: int | None = None) -> ModelOutput:
+        """Value model only: ``ModelOutput.values`` [B, T] float32 on CPU, no gradient.
+        Collective. ``micro_batch_size`` defaults to ``trainer.micro_batch_size``."""
+        if self.head != "value":
+            raise RuntimeError("forward_values needs an FSDPEngine built with head='value'")
+        size = micro_batch_size or self.trainer_cfg.micro_batch_size
+        self.model.eval()
+        values = []
+        for mb in self._micro_batches(batch, size):
+            if mb is None:
+                self._forward(self._dummy_batch(), with_entropy=False)
+                continue
+            values.append(self._forward(self._to_device(mb), with_entropy=False).values.cpu())
+        # FSDP2 keeps the root's parameters unsharded after a forward without backward;
+        # reshard so that load() (which expects sharded DTensors) works after this call.
+        self.model.reshard()
+        return ModelOutput(logprobs=None, values=torch.cat(values) if values
+                           else torch.zeros(tuple(batch.input_ids.shape), dtype=torch.float32))
+
     # ---------------------------------------------------------------- train
     def train_step(self, batch: TrainBatch, loss_fn: LossFn, micro_batch_size: int) -> dict[str, float]:
         """One optimizer step over this rank's shard; see TrainEngine.train_step.
@@ -262,9 +330,10 @@ class FSDPEngine:
         self.optimizer.zero_grad(set_to_none=True)
         metrics: dict[str, float] = {}
         bad_loss = torch.zeros((), device=self.device)
-        for mb in self._micro_batches(batch, micro_batch_size):
+        for mb in self._train_micro_batches(batch, micro_batch_size):
             if mb is None:  # keeps FSDP collectives in step; contributes zero gradient
-                self._forward(self._dummy_batch(), with_entropy=False).logprobs.sum().mul(0.0).backward()
+                out = self._forward(self._dummy_batch(), with_entropy=False)
+                (out.values if self.head == "value" else out.logprobs).sum().mul(0.0).backward()
                 continue
             mb = self._to_device(mb)
             loss, mb_metrics = loss_fn(self._forward(mb, with_entropy=True), mb)
@@ -375,37 +444,6 @@ class FSDPEngine:
         """Rank 0 writes an HF folder (config, ``model.safetensors`` in ``model.dtype``,
         tokenizer files copied from ``tokenizer_path``, default the source model folder).
         Collective. Gathers the whole model on rank 0's CPU."""
-        from safetensors.torch import save_file
-
-        weights = {}
-        for name, tensor in self.named_full_weights():
-            # safetensors refuses shared storage; HF re-ties on load from the config.
-            if self.rank == 0 and name not in self._aliases:
-                weights[name] = tensor.to("cpu", copy=True).contiguous()
-        if self.rank == 0:
-            os.makedirs(path, exist_ok=True)
-            config = self.model.config
-            config.dtype = self.dtype
-            config.use_cache = True
-            config.save_pretrained(path)
-            config.use_cache = False
-            save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-            source = tokenizer_path or self.model_path
-            for name in _TOKENIZER_FILES:
-                if os.path.isfile(os.path.join(source, name)):
-                    shutil.copy2(os.path.join(source, name), os.path.join(path, name))
-        del weights
+        hf_io.export_hf(self.named_full_weights(), self.model, self._aliases, path, self.dtype,
+                        tokenizer_path or self.model_path, write=self.rank == 0)
         dist.barrier()
-
-
-def _shared_parameter_aliases(model: torch.nn.Module) -> dict[str, str]:
-    """{alias: first name} for parameters registered under several names (tied
-    embeddings: ``lm_head.weight`` -> ``model.embed_tokens.weight``)."""
-    first: dict[int, str] = {}
-    aliases = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in first:
-            aliases[name] = first[id(param)]
-        else:
-            first[id(param)] = name
-    return aliases
