@@ -1,0 +1,119 @@
+"""Critic group: PPO's value model on ``trainer.world_size`` actors of its own, one
+FSDP2 shard each, in a torch.distributed group of their own (gloo on CPU, NCCL on
+GPU). Built only with ``algorithm.adv_estimator: gae``.
+
+Its own actors rather than a second engine inside the trainer ranks: the critic
+then never shares a process, a collective or a failure with the policy, and the
+trainer group stays as it is. The cost is one more process per rank (one more
+copy of the base model's memory, which colocation would have cost too).
+
+Contract of every ``CriticGroup`` method: collective (called on all ranks), blocks
+until all ranks answer, raises ``WorkerError`` if a rank dies. ``forward_values``
+and ``train_step`` shard rows over ranks like ``TrainerGroup``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+import torch
+
+from rlpost.config.schema import RunConfig
+from rlpost.types import TrainBatch
+from rlpost.workers.cluster import free_port, node_ip, quiet_actor_logs, wait
+
+
+@ray.remote
+class CriticActor:
+    """One data-parallel rank of the value model."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+        self.engine = None
+        torch.set_num_threads(1)
+        quiet_actor_logs()
+
+    def rendezvous(self) -> tuple[str, int]:
+        """Address and free port for the critic's torch.distributed group (rank 0 only)."""
+        host = node_ip()
+        return host, free_port(host)
+
+    def setup(self, cfg: RunConfig, model_path: str, master: tuple[str, int]) -> None:
+        from rlpost.critic import critic_trainer_config
+        from rlpost.distributed import init_default_group
+        from rlpost.engines.fsdp import FSDPEngine
+
+        os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]),
+                          RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
+        init_default_group(master[0], master[1], self.rank, self.world_size)
+        torch.manual_seed(cfg.seed)
+        self.engine = FSDPEngine(model_path, cfg.model, critic_trainer_config(cfg), trainable=True,
+                                 seed=cfg.seed, head="value")
+
+    def forward_values(self, shard: TrainBatch, micro_batch_size: int) -> torch.Tensor:
+        return self.engine.forward_values(shard, micro_batch_size=micro_batch_size).values
+
+    def train_step(self, shard: TrainBatch, loss_fn, micro_batch_size: int) -> dict[str, float]:
+        return self.engine.train_step(shard, loss_fn, micro_batch_size)
+
+    def save(self, path: str) -> None:
+        self.engine.save(path)
+
+    def load(self, path: str) -> None:
+        self.engine.load(path)
+
+    def shutdown(self) -> None:
+        from rlpost.distributed import destroy_default_group
+
+        destroy_default_group()
+
+
+class CriticGroup:
+    def __init__(self, cfg: RunConfig, model_path: str):
+        self.cfg = cfg
+        self.world_size = cfg.trainer.world_size
+        gpus = 1 if torch.cuda.is_available() else 0
+        self.actors = [CriticActor.options(num_cpus=1, num_gpus=gpus).remote(rank, self.world_size)
+                       for rank in range(self.world_size)]
+        try:
+            master = wait(self.actors[0].rendezvous.remote(), 120, "critic rendezvous")
+            wait([a.setup.remote(cfg, model_path, master) for a in self.actors], None, "critic setup")
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _sharded(self, method: str, batch: TrainBatch, *args) -> list:
+        shards = batch.shard(self.world_size)
+        return wait([getattr(a, method).remote(s, *args) for a, s in zip(self.actors, shards)],
+                    None, f"critic.{method}")
+
+    def forward_values(self, batch: TrainBatch) -> torch.Tensor:
+        """[B, T] values (``rlpost.types`` alignment); rows sharded, gathered in order."""
+        return torch.cat(self._sharded("forward_values", batch, self.cfg.trainer.micro_batch_size), dim=0)
+
+    def train_step(self, batch: TrainBatch, loss_fn) -> dict[str, float]:
+        """One critic optimizer step over ``batch`` sharded across ranks; metrics merged
+        as ``TrainerGroup.train_step`` does (additive ones summed, global ones once)."""
+        per_rank = self._sharded("train_step", batch, loss_fn, self.cfg.trainer.micro_batch_size)
+        global_keys = {"grad_norm", "lr", "skipped"}
+        merged = {k: v for k, v in per_rank[0].items() if k in global_keys}
+        for metrics in per_rank:
+            for key, value in metrics.items():
+                if key not in global_keys:
+                    merged[key] = merged.get(key, 0.0) + value
+        return merged
+
+    def save(self, path: str) -> None:
+        wait([a.save.remote(path) for a in self.actors], None, "critic save")
+
+    def load(self, path: str) -> None:
+        wait([a.load.remote(path) for a in self.actors], None, "critic load")
+
+    def shutdown(self) -> None:
+        try:
+            ray.get([a.shutdown.remote() for a in self.actors], timeout=30)
+        except Exception:  # already dead: nothing left to release
+            pass
+        for actor in self.actors:
+            ray.kill(actor)
