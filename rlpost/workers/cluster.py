@@ -17,6 +17,8 @@ ACTOR_ENV = {
     "MKL_NUM_THREADS": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_AUTH_MODE": "disabled",
+    # vLLM logs every engine start and weight reload at INFO, once per replica.
+    "VLLM_LOGGING_LEVEL": "WARNING",
 }
 
 
@@ -28,7 +30,8 @@ def quiet_actor_logs() -> None:
 
 
 def logical_cpus_needed(cfg: RunConfig) -> int:
-    return cfg.trainer.world_size + cfg.rollout.replicas + cfg.reward.workers
+    critic = cfg.trainer.world_size if cfg.algorithm.adv_estimator == "gae" else 0  # PPO's critic ranks
+    return cfg.trainer.world_size + critic + cfg.rollout.replicas + cfg.reward.workers
 
 
 def start_cluster(cfg: RunConfig) -> bool:
@@ -71,11 +74,31 @@ def node_ip() -> str:
     return "127.0.0.1" if len(ray.nodes()) <= 1 else address
 
 
-def wait(refs, timeout_s: float | None, what: str):
-    """``ray.get`` that turns actor deaths and timeouts into a WorkerError naming the stage."""
+def wait(refs, timeout_s: float | None, what: str, lost: type[WorkerError] = WorkerError):
+    """``ray.get`` that turns timeouts into a WorkerError and actor deaths into ``lost``
+    (a WorkerError subclass the caller recovers from), both naming the stage."""
     try:
         return ray.get(refs, timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
         raise WorkerError(f"{what} did not finish within {timeout_s:.0f}s") from None
     except ray.exceptions.RayActorError as err:
-        raise WorkerError(f"{what}: an actor died ({err.__class__.__name__}): {err}") from err
+        raise lost(f"{what}: an actor died ({err.__class__.__name__}): {err}") from err
+
+
+def dead_owners(refs: list, timeout_s: float) -> list[int]:
+    """Indices of ``refs`` whose actor died. Waits up to ``timeout_s`` for them to
+    settle: after one call of a collective fails, its peers fail quickly too (their
+    connections reset), so this tells a dead peer from a task that merely raised."""
+    ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    settled = {ref.hex() for ref in ready}
+    dead = []
+    for i, ref in enumerate(refs):
+        if ref.hex() not in settled:
+            continue
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayActorError:
+            dead.append(i)
+        except Exception:  # the task raised; its actor is alive
+            pass
+    return dead

@@ -4,17 +4,33 @@
 the answers back in prompt order. Weight updates are broadcast to every replica over
 the weight-sync group; each replica records the policy version it serves, and every
 completion carries it.
+
+A replica that dies is replaced (up to ``rollout.max_restarts`` times over the run):
+the group waits for the surviving replicas' chunks, starts a fresh actor in the
+dead one's slot, asks the weight-sync link (``set_resync``) to rebuild the sync
+group and push the current policy version to every replica, and only then re-runs
+the lost chunks. A chunk keeps its replica index and so its sampling seed, so the
+retry samples exactly what the lost call would have: no sample is lost or scored
+as a failure.
 """
 
 from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
 
 import ray
 import torch
 
 from rlpost.config.schema import RunConfig
+from rlpost.errors import WorkerError
+from rlpost.faults import FaultCounts
 from rlpost.sharding import replica_sampling_params, split_contiguous
 from rlpost.types import Completion, SamplingParams
 from rlpost.workers.cluster import quiet_actor_logs, wait
+
+log = logging.getLogger(__name__)
 
 
 @ray.remote
@@ -28,8 +44,25 @@ class RolloutActor:
         self.replica = replica
         self.receiver = None
 
+    def pid(self) -> int:
+        """The actor's process id (operators and fault-injection tests kill it by pid)."""
+        return os.getpid()
+
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         return self.engine.generate(prompts, params)
+
+    # --- colocated GPUs only (rollout.colocate; rlpost.engines.colocate) ---
+    def sleep(self) -> None:
+        self.engine.sleep()
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        self.engine.wake_up(tags)
+
+    def weight_transfer(self, method: str, payload: dict | None = None) -> None:
+        self.engine.weight_transfer(method, payload)
+
+    def finish_weight_update(self, version: int) -> None:
+        self.engine.finish_weight_update(version)
 
     def policy_version(self) -> int:
         return self.engine.policy_version
@@ -37,6 +70,9 @@ class RolloutActor:
     def weight_sync_connect(self, host: str, port: int, world_size: int, timeout_s: float) -> None:
         from rlpost.weight_sync import WeightReceiver
 
+        if self.receiver is not None:  # a rebuilt group: the old one is unusable
+            self.receiver.close()
+            self.receiver = None
         self.receiver = WeightReceiver(host, port, self.replica + 1, world_size, timeout_s)
 
     def receive_weights(self, plan, version: int) -> int:
@@ -49,25 +85,82 @@ class RolloutActor:
 
 
 class RolloutGroup:
-    def __init__(self, cfg: RunConfig, model_path: str):
-        self.cfg = cfg
-        self.actors = [
-            RolloutActor.options(num_cpus=1, num_gpus=1 if torch.cuda.is_available() else 0).remote(cfg, model_path, i)
-            for i in range(cfg.rollout.replicas)
-        ]
+    def __init__(self, cfg: RunConfig, model_path: str, faults: FaultCounts | None = None, placement=None):
+        self.cfg, self.model_path, self.placement = cfg, model_path, placement
+        # Called before generating; colocation points it at "wake vLLM up".
+        self.before_generate = lambda: None
+        self.faults = faults if faults is not None else FaultCounts()
+        self.actors = [self._start(i) for i in range(cfg.rollout.replicas)]
+        self.restarts = 0
+        self._resync: Callable[[], None] | None = None
+
+    def _start(self, replica: int):
+        gpus = 1 if torch.cuda.is_available() else 0
+        # Colocated GPUs: replica i shares bundle i with trainer rank i (a replacement too).
+        options = self.placement.options(replica) if self.placement else {"num_cpus": 1, "num_gpus": gpus}
+        return RolloutActor.options(**options).remote(self.cfg, self.model_path, replica)
 
     @property
     def size(self) -> int:
         return len(self.actors)
 
+    def pids(self) -> list[int]:
+        # No time limit: the answer waits for the engine to load (vLLM on a loaded
+        # machine can take minutes); an actor that fails to start raises instead.
+        return wait([a.pid.remote() for a in self.actors], None, "rollout.pid")
+
+    def set_resync(self, resync: Callable[[], None]) -> None:
+        """``resync()`` rebuilds the weight-sync group over the current actors and
+        pushes the current weights; called after replicas are replaced. The link
+        registers itself here (a rebuilt link replaces the old one)."""
+        self._resync = resync
+
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        """``params.n`` completions per prompt, in prompt order (split across replicas)."""
+        """``params.n`` completions per prompt, in prompt order (split across replicas).
+        Chunks lost to a dead replica are re-run on its replacement."""
+        self.before_generate()
         parts = split_contiguous(prompts, self.size)
-        refs = [
-            actor.generate.remote(part, replica_sampling_params(params, i))
-            for i, (actor, part) in enumerate(zip(self.actors, parts))
-        ]
-        return [group for result in wait(refs, None, "rollout.generate") for group in result]
+        results: list = [None] * self.size
+        todo = list(range(self.size))
+        while todo:
+            refs = {i: self.actors[i].generate.remote(parts[i], replica_sampling_params(params, i)) for i in todo}
+            lost, last_err = [], None
+            # Collect every chunk before recovering, so the survivors are idle when the
+            # sync group is rebuilt and each dead replica is known.
+            for i, ref in refs.items():
+                try:
+                    results[i] = ray.get(ref)
+                except ray.exceptions.RayActorError as err:
+                    lost.append(i)
+                    last_err = err
+            if lost:
+                self.replace(lost, f"rollout replicas {lost} died during generate ({last_err.__class__.__name__})")
+                self.faults.add("rollout/requests_retried", len(lost))
+            todo = lost
+        return [group for result in results for group in result]
+
+    def replace(self, replicas: list[int], reason: str) -> None:
+        """Start fresh actors in the slots of dead ``replicas``, then resync weights.
+        Raises ``WorkerError`` once ``rollout.max_restarts`` replacements are used up."""
+        limit = self.cfg.rollout.max_restarts
+        if self.cfg.trainer.mode != "sync":
+            # Overlapped modes sample in a second thread; a re-sync from there would
+            # race the trainer thread's own calls to the trainer ranks.
+            raise WorkerError(f"{reason}; replacing a replica in place needs trainer.mode=sync (this run: "
+                              f"{self.cfg.trainer.mode}); resume=auto continues from the latest checkpoint")
+        for i in replicas:
+            if self.restarts >= limit:
+                raise WorkerError(f"{reason}; the {limit} replacements allowed by rollout.max_restarts are used "
+                                  "up. Raise rollout.max_restarts, or find why replicas die (their logs are in "
+                                  "Ray's session folder, e.g. /tmp/ray/session_latest/logs); resume=auto "
+                                  "continues from the latest checkpoint")
+            ray.kill(self.actors[i])  # already dead: releases its resources
+            self.actors[i] = self._start(i)
+            self.restarts += 1
+            self.faults.add("rollout/actor_restarts")
+            log.warning("%s: started a replacement for replica %d (%d of at most %d)", reason, i, self.restarts, limit)
+        if self._resync is not None:
+            self._resync()
 
     def policy_versions(self) -> list[int]:
         return wait([a.policy_version.remote() for a in self.actors], 60, "rollout.policy_version")

@@ -3,7 +3,9 @@
 KL term needs it, of the frozen reference model.
 
 Contract of every ``TrainerGroup`` method: it is collective (called on all ranks),
-blocks until all ranks answer, and raises ``WorkerError`` if a rank dies.
+blocks until all ranks answer, and raises ``TrainerLost`` if a rank dies (the
+whole group is then unusable: ``rlpost.supervisor`` rebuilds it from the latest
+checkpoint).
 """
 
 from __future__ import annotations
@@ -14,8 +16,13 @@ import ray
 import torch
 
 from rlpost.config.schema import RunConfig
+from rlpost.errors import TrainerLost
 from rlpost.types import TrainBatch
-from rlpost.workers.cluster import quiet_actor_logs, free_port, wait
+from rlpost.workers.cluster import dead_owners, free_port, quiet_actor_logs, wait
+
+# How long to wait for the other ranks' calls to settle after one failed, to tell a
+# dead rank (its peers' collectives reset at once) from an ordinary exception.
+_SETTLE_S = 60.0
 
 
 def _local_address() -> str:
@@ -34,6 +41,10 @@ class TrainerActor:
         torch.set_num_threads(1)
         quiet_actor_logs()
 
+    def pid(self) -> int:
+        """The actor's process id (operators and fault-injection tests kill it by pid)."""
+        return os.getpid()
+
     def rendezvous(self) -> tuple[str, int]:
         """Address and free port for the torch.distributed group (rank 0 only)."""
         host = _local_address()
@@ -41,19 +52,20 @@ class TrainerActor:
 
     def setup(self, cfg: RunConfig, model_path: str, master: tuple[str, int], with_reference: bool) -> None:
         from rlpost.distributed import init_default_group
-        from rlpost.engines.fsdp import FSDPEngine
+        from rlpost.engines import make_train_engine
 
         # FSDP/transformers read these; the group itself is built from an explicit store.
         os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]),
                           RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
         init_default_group(master[0], master[1], self.rank, self.world_size)
         torch.manual_seed(cfg.seed)
+        self._bucket_bytes = int(cfg.weight_sync.bucket_mb * 2**20)
         temperature = cfg.rollout.temperature
-        self.policy = FSDPEngine(model_path, cfg.model, cfg.trainer, trainable=True, seed=cfg.seed,
-                                 logit_temperature=temperature)
+        self.policy = make_train_engine(cfg.trainer.backend, model_path, cfg.model, cfg.trainer, trainable=True,
+                                        seed=cfg.seed, logit_temperature=temperature)
         if with_reference:
-            self.reference = FSDPEngine(model_path, cfg.model, None, trainable=False, seed=cfg.seed,
-                                        logit_temperature=temperature)
+            self.reference = make_train_engine(cfg.trainer.backend, model_path, cfg.model, None, trainable=False,
+                                               seed=cfg.seed, logit_temperature=temperature)
 
     def forward_logprobs(self, shard: TrainBatch, reference: bool, micro_batch_size: int) -> torch.Tensor:
         engine = self.reference if reference else self.policy
@@ -89,6 +101,17 @@ class TrainerActor:
             for _ in weights:  # every rank must take part in each all-gather
                 pass
 
+    def ipc_send_weights(self, client) -> None:
+        """Colocated GPUs (rollout.colocate): this rank's part of vLLM's CUDA IPC
+        transfer; rank 0 drives the replicas through ``client``
+        (``rlpost.workers.colocation.ReplicaClient``). Collective over the trainer group."""
+        from rlpost.engines.colocate import ipc_sender
+
+        if getattr(self, "_ipc", None) is None:
+            self._ipc = ipc_sender(self.policy, self.rank, client, self._bucket_bytes)
+        self._ipc.client = client  # carries this push's version
+        self._ipc.send_weights()
+
     def save(self, path: str) -> None:
         self.policy.save(path)
 
@@ -107,23 +130,46 @@ class TrainerActor:
 
 
 class TrainerGroup:
-    def __init__(self, cfg: RunConfig, model_path: str, with_reference: bool):
+    def __init__(self, cfg: RunConfig, model_path: str, with_reference: bool, placement=None):
         self.cfg = cfg
         self.world_size = cfg.trainer.world_size
         gpus = 1 if torch.cuda.is_available() else 0
+        # Colocated GPUs: rank i shares bundle i with rollout replica i (rlpost.workers.colocation).
+        options = (lambda rank: placement.options(rank)) if placement else (lambda rank: {"num_cpus": 1, "num_gpus": gpus})
         self.actors = [
-            TrainerActor.options(num_cpus=1, num_gpus=gpus, name=None).remote(rank, self.world_size)
+            TrainerActor.options(name=None, **options(rank)).remote(rank, self.world_size)
             for rank in range(self.world_size)
         ]
-        master = wait(self.actors[0].rendezvous.remote(), 120, "trainer rendezvous")
-        wait([a.setup.remote(cfg, model_path, master, with_reference) for a in self.actors],
-             None, "trainer setup")
+        # Called before any trainer compute; colocation points it at "put vLLM to sleep".
+        self.before_compute = lambda: None
         self._plan = None
+        try:
+            master = self._wait(self.actors[0].rendezvous.remote(), "trainer rendezvous", 120)
+            self._wait([a.setup.remote(cfg, model_path, master, with_reference) for a in self.actors],
+                       "trainer setup")
+        except BaseException:
+            self.kill()
+            raise
+
+    def _wait(self, refs, what: str, timeout_s: float | None = None):
+        """``wait`` that raises ``TrainerLost`` when a rank died, including when the
+        first error to arrive is a surviving rank's collective failing because of it."""
+        try:
+            return wait(refs, timeout_s, what, lost=TrainerLost)
+        except ray.exceptions.RayTaskError as err:
+            many = refs if isinstance(refs, list) else [refs]
+            if dead_owners(many, _SETTLE_S):
+                raise TrainerLost(f"{what}: a trainer rank died ({err.__class__.__name__})") from err
+            raise
+
+    def pids(self) -> list[int]:
+        return self._wait([a.pid.remote() for a in self.actors], "trainer pid", 60)
 
     def _sharded(self, method: str, batch: TrainBatch, *args) -> list:
+        self.before_compute()
         shards = batch.shard(self.world_size)
-        return wait([getattr(a, method).remote(s, *args) for a, s in zip(self.actors, shards)],
-                    None, f"trainer.{method}")
+        return self._wait([getattr(a, method).remote(s, *args) for a, s in zip(self.actors, shards)],
+                          f"trainer.{method}")
 
     def forward_logprobs(self, batch: TrainBatch, reference: bool = False) -> torch.Tensor:
         """[B, T] log-probs; rows are sharded over ranks and gathered back in order."""
@@ -145,15 +191,15 @@ class TrainerGroup:
     # --- weight sync (see rlpost.weight_sync for the contract) ---
     def weight_sync_init(self, world_size: int) -> tuple[str, int]:
         ws = self.cfg.weight_sync
-        return wait(self.actors[0].weight_sync_init.remote(world_size, ws.timeout_s, ws.bucket_mb),
-                    60, "weight sync init")
+        return self._wait(self.actors[0].weight_sync_init.remote(world_size, ws.timeout_s, ws.bucket_mb),
+                          "weight sync init", 60)
 
     def weight_sync_connect(self):
         return self.actors[0].weight_sync_connect.remote()
 
     def weight_plan(self):
         if self._plan is None:
-            self._plan = wait(self.actors[0].weight_plan.remote(), 120, "weight plan")
+            self._plan = self._wait(self.actors[0].weight_plan.remote(), "weight plan", 120)
         return self._plan
 
     def send_weights(self, version: int) -> list:
@@ -162,18 +208,23 @@ class TrainerGroup:
         return [a.send_weights.remote(plan, version) for a in self.actors]
 
     def save(self, path: str) -> None:
-        wait([a.save.remote(path) for a in self.actors], None, "trainer save")
+        self._wait([a.save.remote(path) for a in self.actors], "trainer save")
 
     def load(self, path: str) -> None:
-        wait([a.load.remote(path) for a in self.actors], None, "trainer load")
+        self._wait([a.load.remote(path) for a in self.actors], "trainer load")
 
     def export_hf(self, path: str, tokenizer_path: str) -> None:
-        wait([a.export_hf.remote(path, tokenizer_path) for a in self.actors], None, "export")
+        self._wait([a.export_hf.remote(path, tokenizer_path) for a in self.actors], "export")
 
     def shutdown(self) -> None:
         try:
             ray.get([a.shutdown.remote() for a in self.actors], timeout=30)
         except Exception:  # already dead: nothing left to release
             pass
+        self.kill()
+
+    def kill(self) -> None:
+        """Tear the group down without asking it: after a rank died, the others may be
+        blocked in a collective that will never complete."""
         for actor in self.actors:
             ray.kill(actor)

@@ -5,30 +5,92 @@ contract).
 ``push(version)`` is the only thing the controller calls. It returns when every
 replica has loaded the weights and serves ``version``; it raises ``WorkerError`` if
 that does not happen within ``weight_sync.timeout_s`` instead of hanging.
+
+Failures. The group spans every replica, so one dead replica breaks it. When a push
+fails, the link waits for the other ranks' calls to settle and asks who died: a dead
+trainer rank raises ``TrainerLost`` (the supervisor rebuilds the trainer and a new
+link); dead replicas are replaced by the rollout group, which calls ``resync``: a
+new group on a fresh port, then the trainer's current weights (``self.version``)
+pushed to every replica, so a replacement never serves stale weights. A second
+failure inside ``resync`` is not retried: it raises.
 """
 
 from __future__ import annotations
 
-from rlpost.errors import WorkerError
-from rlpost.workers.cluster import wait
+import ray
+
+from rlpost.errors import TrainerLost, WorkerError
+from rlpost.workers.cluster import dead_owners
 from rlpost.workers.rollout_group import RolloutGroup
 from rlpost.workers.trainer_group import TrainerGroup
+
+
+class _ReplicasDied(Exception):
+    def __init__(self, replicas: list[int], cause: Exception):
+        super().__init__(f"rollout replicas {replicas} died ({cause.__class__.__name__})")
+        self.replicas = replicas
 
 
 class WeightSyncLink:
     def __init__(self, trainer: TrainerGroup, rollout: RolloutGroup, timeout_s: float):
         self.trainer, self.rollout, self.timeout_s = trainer, rollout, timeout_s
-        world = 1 + rollout.size
-        host, port = trainer.weight_sync_init(world)
-        refs = [trainer.weight_sync_connect(), *rollout.weight_sync_connect(host, port, world)]
-        wait(refs, timeout_s, "weight sync connect")
+        # Version of the trainer's weights last pushed (None: the replicas still hold
+        # the weights they loaded at start, which are the trainer's initial ones).
+        self.version: int | None = None
+        rollout.set_resync(self.resync)
+        self._connect()
 
-    def push(self, version: int) -> None:
+    def _gather(self, trainer_refs: list, rollout_refs: list, what: str) -> list:
+        """Wait for both sides; classify a failure as a dead trainer rank
+        (``TrainerLost``), dead replicas (``_ReplicasDied``) or neither (re-raised)."""
+        refs = trainer_refs + rollout_refs
+        try:
+            return ray.get(refs, timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise WorkerError(f"{what} did not finish within weight_sync.timeout_s={self.timeout_s:.0f}s") from None
+        except ray.exceptions.RayError as err:
+            dead = dead_owners(refs, self.timeout_s)
+            if any(i < len(trainer_refs) for i in dead):
+                raise TrainerLost(f"{what}: a trainer rank died") from err
+            replicas = [i - len(trainer_refs) for i in dead]
+            if replicas:
+                raise _ReplicasDied(replicas, err) from err
+            raise WorkerError(f"{what} failed: {err}") from err
+
+    def _connect(self) -> None:
+        world = 1 + self.rollout.size
+        host, port = self.trainer.weight_sync_init(world)
+        try:
+            self._gather([self.trainer.weight_sync_connect()], self.rollout.weight_sync_connect(host, port, world),
+                         "weight sync connect")
+        except _ReplicasDied as err:
+            # Replacing them calls resync(), which connects again (bounded by rollout.max_restarts).
+            self.rollout.replace(err.replicas, f"weight sync connect: {err}")
+
+    def _push_once(self, version: int) -> None:
         plan = self.trainer.weight_plan()
         sends = self.trainer.send_weights(version)
         receives = self.rollout.receive_weights(plan, version)
-        served = wait(sends + receives, self.timeout_s, f"weight sync of version {version}")[len(sends):]
+        served = self._gather(sends, receives, f"weight sync of version {version}")[len(sends):]
         stale = [i for i, v in enumerate(served) if v != version]
         if stale:
             raise WorkerError(f"weight sync of version {version}: replicas {stale} serve versions "
                               f"{[served[i] for i in stale]} after loading; their engine did not take the weights")
+
+    def push(self, version: int) -> None:
+        self.version = version  # the trainer's weights are this version from now on
+        try:
+            self._push_once(version)
+        except _ReplicasDied as err:
+            # Replacing them calls resync(), which rebuilds the group and pushes again.
+            self.rollout.replace(err.replicas, f"weight sync of version {version}: {err}")
+
+    def resync(self) -> None:
+        """Rebuild the group over the current replicas and bring all of them to the
+        trainer's current weights. Called by the rollout group after replacements."""
+        self._connect()
+        if self.version is not None:
+            try:
+                self._push_once(self.version)
+            except _ReplicasDied as err:
+                raise WorkerError(f"weight sync resync of version {self.version}: {err} again") from err
