@@ -1,0 +1,83 @@
+"""Multi-turn episodes through Ray: the env pool's actors isolate crashes, and the
+grpo_math_tool recipe runs 2 steps with `python -m rlpost.train` against the real
+sandbox service (the tool model calls the calculator and Python)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def sandbox_url():
+    if shutil.which("bwrap") is None:  # as tests/integration/test_sandbox.py
+        pytest.skip("bubblewrap (bwrap) not installed: apt-get install bubblewrap")
+    from rlpost.sandbox.server import start_local, stop_local
+
+    proc, url = start_local(0)
+    yield url
+    stop_local(proc)
+
+
+@pytest.fixture()
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    yield
+    ray.shutdown()
+
+
+def test_a_dying_env_actor_fails_only_its_episodes_and_comes_back(ray_cluster):
+    from rlpost.config.schema import EnvConfig
+    from rlpost.envs import EnvFailure, StepResult, Task
+    from rlpost.workers.env_pool import EnvPool
+
+    pool = EnvPool(EnvConfig(workers=2, timeout_s=5.0), "rlpost.envs.fake:FakeEnv", {"turns": 1})
+    tasks = [Task(uid=f"t{i}", question="q", answer="7", metadata={"fake_fail": "die"} if i == 0 else {})
+             for i in range(4)]
+    assert all(not isinstance(o, EnvFailure) for o in pool.reset([(t.uid, t) for t in tasks]))
+    # Round robin: t0 and t2 live on actor 0, which t0 kills; t1 and t3 on actor 1.
+    results = pool.step([(t.uid, "7") for t in tasks])
+    assert isinstance(results[0], EnvFailure) and "lost env actor 0" in results[0].error
+    assert isinstance(results[2], EnvFailure)
+    assert results[1] == StepResult([], 1.0, True) and results[3] == StepResult([], 1.0, True)
+    # Ray restarts the actor; new episodes on it run (a reset waits for the restart).
+    # The first try may still meet the dying instance; a later one must succeed.
+    again = Task(uid="t4", question="q", answer="7")
+    for attempt in range(3):
+        opened = pool.reset([(f"e{attempt}a", again), (f"e{attempt}b", again)])
+        stepped = pool.step([(f"e{attempt}a", "7"), (f"e{attempt}b", "no")])
+        if not any(isinstance(o, EnvFailure) for o in [*opened, *stepped]):
+            break
+    assert stepped == [StepResult([], 1.0, True), StepResult([], 0.0, True)]
+    pool.shutdown()
+
+
+def test_grpo_math_tool_two_steps_through_ray_with_the_sandbox(tmp_path, sandbox_url):
+    out = tmp_path / "run"
+    args = ["+recipe=grpo_math_tool", "trainer.total_steps=2", "data.train_batch_size=4", "rollout.n=4",
+            "eval.size=8", "eval.every=2", "trainer.save_every=0", "reward.workers=1", "env.workers=2",
+            "ray.num_cpus=6", f"env.fn={REPO / 'environments' / 'math_tool.py'}:MathToolEnv",
+            f"env.kwargs.sandbox_url={sandbox_url}", f"output_dir={out}"]
+    # From an unrelated directory: the env file is loaded by absolute path in the actors.
+    proc = subprocess.run([sys.executable, "-m", "rlpost.train", *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=900, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert "eval/accuracy" in rows[0] and "eval/turns_mean" in rows[2]
+    for row in rows[1:]:
+        assert row["env/episodes"] == 16 and row["env/episodes_failed"] == 0
+        assert row["env/tool_calls_mean"] > 0  # the tool model called tools
+        assert row["env/observation_tokens_mean"] > 0 and row["policy/skipped"] == 0.0
+        assert row["rollout/policy_version"] == row["step"] - 1
+    samples = (out / "samples.jsonl").read_text()
+    assert "<tool_response>" in samples
