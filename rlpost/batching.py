@@ -9,7 +9,8 @@ from rlpost.types import TrainBatch, Trajectory
 
 
 def build_train_batch(trajectories: list[Trajectory], pad_id: int) -> TrainBatch:
-    """Right-padded ``[B, T]`` tensors. ``loss_mask`` covers the completion tokens;
+    """Right-padded ``[B, T]`` tensors. ``loss_mask`` covers the completion tokens
+    (only the sampled ones where ``Completion.loss_mask`` marks environment tokens);
     trajectories whose reward failed get an all-zero loss mask. Advantages are set
     later (``with_outcome_advantages``), once the KL terms they may need exist."""
     lengths = [len(t.prompt.prompt_ids) + len(t.completion.token_ids) for t in trajectories]
@@ -22,8 +23,10 @@ def build_train_batch(trajectories: list[Trajectory], pad_id: int) -> TrainBatch
         input_ids[i, : p + c] = torch.tensor(traj.prompt.prompt_ids + traj.completion.token_ids)
         attention[i, : p + c] = 1
         if traj.reward.error is None:
-            loss_mask[i, p : p + c] = 1.0
+            mask = traj.completion.loss_mask
+            loss_mask[i, p : p + c] = 1.0 if mask is None else torch.tensor(mask, dtype=torch.float32)
     return TrainBatch(input_ids=input_ids, attention_mask=attention, loss_mask=loss_mask,
+                      rollout_logprobs=sampler_logprobs(trajectories, input_ids),
                       global_num_tokens=float(loss_mask.sum()),
                       global_num_seqs=count_sequences(loss_mask))
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlpost.errors import ConfigError
@@ -28,6 +28,9 @@ class ControllerState:
     policy_version: int
     data: dict  # PromptStream.state_dict()
     kl_controller: dict  # KL coefficient controller state (adaptive KL in the reward)
+    # trainer.mode=one_step_off|async: producer position and buffered batches
+    # (rlpost.overlap.OverlappedRun.save); {} for sync runs and older checkpoints.
+    overlap: dict = field(default_factory=dict)
 
 
 class CheckpointManager:

@@ -32,8 +32,14 @@ class Collected:
 
 
 class Collector:
-    def __init__(self, cfg: RunConfig, stream: PromptStream, rollout, rewards):
+    def __init__(self, cfg: RunConfig, stream: PromptStream, rollout, rewards, envs=None):
         self.cfg, self.stream, self.rollout, self.rewards = cfg, stream, rollout, rewards
+        # Multi-turn episodes through environments (rlpost.multiturn); None = single turn.
+        self.episodes = None
+        if cfg.env.enabled(cfg.rollout):
+            from rlpost.multiturn import make_episode_collector
+
+            self.episodes = make_episode_collector(cfg, rollout, envs)
 
     def sampling_params(self, step: int, round_: int = 0) -> SamplingParams:
         r = self.cfg.rollout
@@ -67,6 +73,8 @@ class Collector:
         chosen = (kept + dropped)[:want]
         metrics = {"sampling/groups_drawn": float(drawn), "sampling/groups_informative": float(len(kept)),
                    "sampling/groups_filled": float(max(0, want - len(kept)))} if algo.dynamic_sampling else {}
+        if self.episodes is not None:
+            metrics.update(self.episodes.pop_metrics())
         trajectories = [t for group, _, _ in chosen for t in group]
         rewards = torch.stack([r for _, r, _ in chosen])
         valid = torch.stack([v for _, _, v in chosen])
@@ -97,6 +105,8 @@ class Collector:
 
     def _sample_and_score(self, step: int, round_: int, policy_version: int, timer):
         prompts = self.stream.next_batch()
+        if self.episodes is not None:  # environments step and score the episodes
+            return self.episodes.collect(prompts, self.sampling_params(step, round_), policy_version, timer)
         with timer("rollout"):
             groups = self.rollout.generate([list(p.prompt_ids) for p in prompts], self.sampling_params(step, round_))
         self._check_versions(groups, policy_version)

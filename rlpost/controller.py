@@ -5,6 +5,8 @@ it calls typed methods of the groups it is handed (``rlpost.workers`` on a clust
 ``s`` are sampled by policy version ``s - 1`` (the weights after ``s - 1`` updates);
 after the update the trainer pushes version ``s`` to every replica before step
 ``s + 1`` samples again, so every trained token is exactly on-policy.
+``trainer.mode=one_step_off|async`` overlap sampling with training instead
+(``rlpost.overlap``, which drives ``Collector.collect`` and ``train_on`` from two threads).
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from rlpost.algorithms import (
     mean_sequence_kl,
     overlong_filter_mask,
 )
-from rlpost.batching import build_train_batch, outcome_advantages_per_token, sampler_logprobs, with_loss_rows
-from rlpost.collect import Collector
+from rlpost.batching import build_train_batch, outcome_advantages_per_token, with_loss_rows
+from rlpost.collect import Collected, Collector
 from rlpost.checkpoint import CheckpointManager, ControllerState
 from rlpost.config.schema import RunConfig
+from rlpost.critic import CriticStages
 from rlpost.data.stream import PromptStream
-from rlpost.errors import Preempted, TrainingError
+from rlpost.errors import ConfigError, Preempted, TrainingError
 from rlpost.evaluation import evaluate
 from rlpost.tracking import Tracker, trajectory_rows
 from rlpost.types import PromptSample, TrainBatch
@@ -55,19 +58,31 @@ class Timer(dict):
 class Controller:
     def __init__(self, cfg: RunConfig, *, trainer, rollout, rewards, weight_sync, stream: PromptStream,
                  val_samples: list[PromptSample], tracker: Tracker, checkpoints: CheckpointManager,
-                 pad_id: int, use_reference: bool):
+                 pad_id: int, use_reference: bool, envs=None, critic=None, faults=None):
         self.cfg, self.trainer, self.rollout, self.rewards = cfg, trainer, rollout, rewards
         self.weight_sync = weight_sync
         self.stream, self.val_samples, self.tracker, self.checkpoints = stream, val_samples, tracker, checkpoints
-        self.collector = Collector(cfg, stream, rollout, rewards)
+        self.collector = Collector(cfg, stream, rollout, rewards, envs)  # envs: multi-turn env pool
         self.pad_id, self.use_reference = pad_id, use_reference
+        self.faults = faults  # rlpost.faults.FaultCounts: failures survived, logged every step
         self.loss_fn = make_policy_loss_fn(cfg.algorithm, max_response_len=cfg.rollout.max_new_tokens)
-        self.advantage_fn = make_advantage_fn(cfg.algorithm)
+        if (cfg.algorithm.adv_estimator == "gae") != (critic is not None):
+            raise ConfigError("algorithm.adv_estimator: gae (PPO) needs a critic group and the other estimators "
+                              f"take none; got adv_estimator={cfg.algorithm.adv_estimator!r}, critic={critic!r}")
+        # PPO takes its advantages from the critic (rlpost.critic) instead of an outcome estimator.
+        self.critic = CriticStages(cfg, critic) if critic is not None else None
+        self.advantage_fn = None if self.critic else make_advantage_fn(cfg.algorithm)
         self.kl_controller = make_kl_controller(cfg.algorithm.kl_coef, cfg.algorithm.kl_target,
                                                 cfg.algorithm.kl_horizon)
         self.policy_version = 0
         self.bad_updates = 0  # consecutive skipped (non-finite) updates
         self._warned_length_cap = False
+        # one_step_off / async: the producer/trainer loops (None = the synchronous run below).
+        self.overlap = None
+        if cfg.trainer.mode != "sync":
+            from rlpost.overlap import OverlappedRun
+
+            self.overlap = OverlappedRun(self)
 
     # ------------------------------------------------------------------ loop
     def run(self, start_step: int = 0, stop_requested=lambda: False) -> dict:
@@ -76,6 +91,8 @@ class Controller:
         ``stop_requested()`` is polled after every step (a SIGTERM handler sets it): the
         step in flight finishes, a checkpoint is written and ``Preempted`` is raised.
         """
+        if self.overlap is not None:
+            return self.overlap.run(start_step, stop_requested)
         cfg, last = self.cfg, {}
         self.tracker.start(start_step)
         if start_step == 0 and cfg.eval.every > 0:
@@ -101,6 +118,12 @@ class Controller:
         # 1-3. Draw prompts, sample rollout.n completions each with policy version
         #      step - 1, score them (DAPO: shape rewards, resample uninformative groups).
         collected = self.collector.collect(step, self.policy_version, timer)
+        return self.train_on(step, collected, timer, t0)
+
+    def train_on(self, step: int, collected: Collected, timer: Timer, t0: float) -> dict:
+        """Stages 4-7 of step ``step`` on ``collected``; returns the step's metrics
+        (``timing/step_s`` counted from ``t0``). The samples may come from an older policy
+        version (``rlpost.overlap``): old log-probs are always recomputed here."""
         trajectories, rewards, valid = collected.trajectories, collected.rewards, collected.valid
         self.tracker.log_samples(step, trajectory_rows(trajectories, limit=4))
         batch = build_train_batch(trajectories, self.pad_id)
@@ -118,12 +141,23 @@ class Controller:
                 batch.ref_logprobs = self.trainer.forward_logprobs(batch, reference=True)
         # 5. Advantages from (KL-penalised, when kl_in_reward) rewards; failed samples take
         #    no part in group statistics.
+        kl_coef = self.kl_controller.value  # this step's KL-penalty coefficient, before its update
         shaped, kl_metrics = self._kl_in_reward(rewards, batch)
-        advantages = self.advantage_fn(shaped, valid, **collected.estimator_args)
-        batch.advantages = outcome_advantages_per_token(advantages, batch.loss_mask)
-        # 6. Update the policy: trainer.mini_batches optimizer steps per epoch.
+        if self.critic is None:
+            advantages = self.advantage_fn(shaped, valid, **collected.estimator_args)
+            batch.advantages = outcome_advantages_per_token(advantages, batch.loss_mask)
+        else:  # PPO: per-token rewards (KL on every token), critic values, GAE
+            with timer("values"):
+                kl_metrics.update(self.critic.advantages(batch, rewards, kl_coef))
+        # 6. Update the critic (PPO), then the policy (frozen during critic.warmup_steps):
+        #    trainer.mini_batches optimizer steps per epoch each.
+        critic_metrics = {}
+        if self.critic:
+            with timer("critic"):
+                critic_metrics = self.critic.update(batch, step)
         with timer("train"):
-            train_metrics = self._update(batch, step)
+            frozen = self.critic is not None and self.critic.policy_frozen(step)
+            train_metrics = {"policy/updates": 0.0} if frozen else self._update(batch, step)
         # 7. Push the new weights (version = step) to every rollout replica.
         with timer("weight_sync"):
             self.sync_weights(step)
@@ -132,8 +166,11 @@ class Controller:
             **collected.metrics,
             **kl_metrics,
             **train_metrics,
+            **critic_metrics,
             **timer,
         }
+        if self.faults is not None:
+            metrics.update(self.faults.metrics())
         metrics["timing/step_s"] = time.perf_counter() - t0
         return metrics
 
@@ -206,14 +243,13 @@ class Controller:
             "response/length_max": lengths.max().item(),
             "response/clip_ratio": capped / len(trajectories),
             "rollout/tokens_per_s": lengths.sum().item() / max(timer.get("timing/rollout_s", 0.0), 1e-9),
-            "rollout/policy_version": float(self.policy_version - 1),
+            "rollout/policy_version": float(min(t.completion.policy_version for t in trajectories)),
         }
         for name in sorted({k for r in ok for k in r.components}):
             values = [r.components.get(name, 0.0) for r in ok]
             metrics[f"reward/{name}_mean"] = sum(values) / len(values)
         # How far the sampler's log-probs are from the trainer's on the same tokens.
-        diff = (sampler_logprobs(trajectories, batch.input_ids)[:, : batch.old_logprobs.shape[1]]
-                - batch.old_logprobs).abs()[batch.loss_mask.bool()]
+        diff = (batch.rollout_logprobs - batch.old_logprobs).abs()[batch.loss_mask.bool()]
         if diff.numel():
             metrics["rollout/logprob_abs_diff_mean"] = diff.mean().item()
             metrics["rollout/logprob_abs_diff_max"] = diff.max().item()
@@ -228,21 +264,33 @@ class Controller:
     # ------------------------------------------------------ eval & save
     def evaluate(self) -> dict:
         t0 = time.perf_counter()
-        metrics = evaluate(self.rollout, self.rewards, self.val_samples, self.cfg.eval, seed=self.cfg.seed)
+        episodes, ev = self.collector.episodes, self.cfg.eval
+        metrics = (episodes.evaluate(self.val_samples, ev.max_new_tokens, ev.size, self.policy_version) if episodes
+                   else evaluate(self.rollout, self.rewards, self.val_samples, ev, seed=self.cfg.seed))
         metrics["timing/eval_s"] = time.perf_counter() - t0
         return metrics
 
     def save(self, step: int) -> None:
         tmp = self.checkpoints.begin(step)
         self.trainer.save(str(tmp / "policy"))
+        if self.critic:
+            self.critic.save(str(tmp / "critic"))
         state = ControllerState(step=step, policy_version=self.policy_version, data=self.stream.state_dict(),
-                                kl_controller=self.kl_controller.state_dict())
+                                kl_controller=self.kl_controller.state_dict(),
+                                overlap=self.overlap.save(tmp) if self.overlap else {})
         path = self.checkpoints.commit(tmp, state)
         self.tracker.message(f"checkpoint: {path}")
 
     def restore(self, path, state: ControllerState) -> None:
         """Load a checkpoint and bring every replica to its weights."""
         self.trainer.load(str(path / "policy"))
+        if self.critic:
+            self.critic.load(str(path / "critic"))
         self.stream.load_state_dict(state.data)
         self.kl_controller.load_state_dict(state.kl_controller)
+        if self.overlap:  # the batches sampled ahead of the trainer, trained first
+            self.overlap.restore(path, state)
+        elif state.overlap.get("buffered"):
+            self.tracker.message(f"warning: {path} holds {state.overlap['buffered']} batches sampled ahead "
+                                 "(trainer.mode=async/one_step_off); trainer.mode=sync drops them")
         self.sync_weights(state.policy_version)

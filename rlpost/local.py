@@ -8,6 +8,7 @@ Same contract as ``rlpost.workers``, method for method, so the ``Controller`` ca
 tell them apart:
 
     LocalTrainerGroup   ~ TrainerGroup    forward_logprobs / train_step / save / load / export_hf
+    LocalCriticGroup    ~ CriticGroup     forward_values / train_step / save / load
     LocalRolloutGroup   ~ RolloutGroup    size / generate / policy_versions
     LocalRewardPool     ~ RewardPool      score
     LocalWeightSync     ~ WeightSyncLink  push
@@ -82,6 +83,32 @@ class LocalTrainerGroup:
 
     def shutdown(self) -> None:
         """Nothing to release; here so train-style code can shut every group down."""
+
+
+class LocalCriticGroup:
+    """One value-model engine (a PPO critic, e.g. ``FSDPEngine(..., head="value")`` or
+    ``FakeValueEngine``) on a single rank, with ``CriticGroup``'s methods."""
+
+    def __init__(self, engine: TrainEngine, *, micro_batch_size: int):
+        if micro_batch_size < 1:
+            raise ValueError(f"need micro_batch_size >= 1, got {micro_batch_size}")
+        self.engine, self.micro_batch_size = engine, micro_batch_size
+
+    def forward_values(self, batch: TrainBatch) -> torch.Tensor:
+        """[B, T] values of ``batch`` (``rlpost.types`` alignment), no gradient."""
+        return self.engine.forward_values(batch, micro_batch_size=self.micro_batch_size).values
+
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn) -> dict[str, float]:
+        return self.engine.train_step(batch, loss_fn, self.micro_batch_size)
+
+    def save(self, path: str) -> None:
+        self.engine.save(path)
+
+    def load(self, path: str) -> None:
+        self.engine.load(path)
+
+    def shutdown(self) -> None:
+        """Nothing to release."""
 
 
 class LocalRolloutGroup:

@@ -36,7 +36,10 @@ def run(cfg: RunConfig) -> dict:
     from rlpost.controller import Controller
     from rlpost.data.dataset import load_prompts
     from rlpost.data.stream import PromptStream
+    from rlpost.faults import FaultCounts
+    from rlpost.engines import resolve_rollout_engine
     from rlpost.models.loading import load_tokenizer, resolve_model_path
+    from rlpost.supervisor import TrainerSupervisor
     from rlpost.tracking import Tracker
     from rlpost.workers.cluster import start_cluster, stop_cluster
     from rlpost.workers.reward_pool import RewardPool
@@ -45,10 +48,13 @@ def run(cfg: RunConfig) -> dict:
     from rlpost.workers.weight_sync_link import WeightSyncLink
 
     torch.set_num_threads(1)
+    # auto -> vllm or hf, decided here once, so every replica runs the same engine and
+    # config.yaml records the one that ran.
+    cfg.rollout.engine = resolve_rollout_engine(cfg.rollout.engine)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    print(f"rlpost: run directory {out.resolve()}", flush=True)
+    print(f"rlpost: run directory {out.resolve()}; rollout engine {cfg.rollout.engine}", flush=True)
 
     # The built-in model is built once with its own fixed seed, not the run seed: a
     # different run seed should not cost a rebuild.
@@ -72,26 +78,69 @@ def run(cfg: RunConfig) -> dict:
     groups = []
     tracker = Tracker(cfg.logger, out, cfg.trainer.total_steps, to_dict(cfg))
     try:
-        trainer = TrainerGroup(cfg, model_path, with_reference=use_reference)
-        groups.append(trainer)
-        rollout = RolloutGroup(cfg, model_path)
+        faults = FaultCounts()  # failures survived (replaced actors, trainer rebuilds), logged every step
+        placement = None
+        if cfg.rollout.colocate:  # GPU only: trainer rank i and replica i share GPU i
+            from rlpost.workers.colocation import ColocatedPlacement
+
+            placement = ColocatedPlacement(cfg.trainer.world_size)
+            groups.append(placement)  # shut down last: after every actor placed in it
+        rollout = RolloutGroup(cfg, model_path, faults, placement=placement)
         groups.append(rollout)
-        rewards = RewardPool(cfg.reward)
+        rewards = RewardPool(cfg.reward, faults)
         groups.append(rewards)
-        weight_sync = WeightSyncLink(trainer, rollout, cfg.weight_sync.timeout_s)
-        stream = PromptStream(train, cfg.data.train_batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
-        controller = Controller(cfg, trainer=trainer, rollout=rollout, rewards=rewards,
-                                weight_sync=weight_sync, stream=stream,
-                                val_samples=val, tracker=tracker, checkpoints=checkpoints,
-                                pad_id=tokenizer.pad_token_id, use_reference=use_reference)
-        start_step = 0
-        if state is not None:
-            controller.restore(resume_from, state)
-            tracker.truncate_after(state.step)
-            start_step = state.step
-            print(f"rlpost: resumed from {resume_from} at step {start_step}", flush=True)
-        last = controller.run(start_step, stop_requested=stop_flag.is_set)
-        trainer.export_hf(str(out / "final"), model_path)
+        envs = None
+        if cfg.env.enabled(cfg.rollout):  # multi-turn episodes: environments in their own actors
+            from rlpost.multiturn import env_factory
+            from rlpost.workers.env_pool import EnvPool
+
+            envs = EnvPool(cfg.env, *env_factory(cfg))
+            groups.append(envs)
+        print(f"rlpost: rollout replica pids {rollout.pids()}", flush=True)
+        critic = None
+        if cfg.algorithm.adv_estimator == "gae":  # PPO: the value model in its own actors
+            from rlpost.workers.critic_group import CriticGroup
+
+            critic = CriticGroup(cfg, model_path)
+            groups.append(critic)
+
+        # The trainer group and its weight-sync link are built (and, after a trainer
+        # rank dies, rebuilt) by the supervisor; see rlpost.supervisor.
+        def build_trainer():
+            trainer = TrainerGroup(cfg, model_path, with_reference=use_reference, placement=placement)
+            try:
+                if placement is not None:  # CUDA IPC through vLLM's weight-transfer engine
+                    from rlpost.workers.colocation import ColocatedWeightSync
+
+                    weight_sync = ColocatedWeightSync(trainer, rollout, cfg.weight_sync.timeout_s)
+                    trainer.before_compute = weight_sync.phases.to_train
+                    rollout.before_generate = weight_sync.phases.to_rollout
+                else:
+                    weight_sync = WeightSyncLink(trainer, rollout, cfg.weight_sync.timeout_s)
+            except BaseException:
+                trainer.kill()
+                raise
+            print(f"rlpost: trainer rank pids {trainer.pids()}", flush=True)
+            return trainer, weight_sync
+
+        def make_controller(trainer, weight_sync):
+            stream = PromptStream(train, cfg.data.train_batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
+            return Controller(cfg, trainer=trainer, rollout=rollout, rewards=rewards,
+                              weight_sync=weight_sync, stream=stream,
+                              val_samples=val, tracker=tracker, checkpoints=checkpoints,
+                              pad_id=tokenizer.pad_token_id, use_reference=use_reference, envs=envs,
+                              critic=critic,
+                              faults=faults)
+
+        supervisor = TrainerSupervisor(build_trainer=build_trainer, make_controller=make_controller,
+                                       checkpoints=checkpoints, tracker=tracker,
+                                       max_restarts=cfg.trainer.max_restarts, faults=faults,
+                                       # Overlapped modes keep a sampling thread running through a rebuild.
+                                       no_rebuild_reason=None if cfg.trainer.mode == "sync" else
+                                       f"that needs trainer.mode=sync (this run: {cfg.trainer.mode})")
+        groups.append(supervisor)
+        last = supervisor.run(resume_from, stop_flag.is_set,
+                              finish=lambda trainer: trainer.export_hf(str(out / "final"), model_path))
         tracker.message(f"rlpost: final policy exported to {out / 'final'}")
         return last
     finally:

@@ -50,6 +50,9 @@ class Completion:
     text: str  # decoded token_ids, special tokens skipped
     finish_reason: str  # "stop" (EOS or stop string) | "length" (hit max_new_tokens)
     policy_version: int  # version of the weights that sampled every token
+    # [L] 1 = sampled by the policy (trained), 0 = inserted by an environment or tool
+    # (multi-turn episodes; such tokens have logprob 0). None = every token sampled.
+    loss_mask: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -74,8 +77,11 @@ class Trajectory:
 class ModelOutput:
     """What a training engine's forward returns, aligned with ``input_ids``."""
 
-    logprobs: torch.Tensor  # [B, T] float32
+    logprobs: torch.Tensor | None  # [B, T] float32; None from a value model (critic)
     entropy: torch.Tensor | None = None  # [B, T] float32, when asked for
+    # [B, T] float32 from a value model: values[b, t] = V(input_ids[b, :t]), the value of
+    # the state before token t (aligned like logprobs); 0 at position 0 and padding.
+    values: torch.Tensor | None = None
 
 
 @dataclass
@@ -92,6 +98,9 @@ class TrainBatch:
     advantages: torch.Tensor | None = None  # [B, T] float
     old_logprobs: torch.Tensor | None = None  # [B, T] float, policy that sampled (or pre-update)
     ref_logprobs: torch.Tensor | None = None  # [B, T] float, reference policy
+    rollout_logprobs: torch.Tensor | None = None  # [B, T] float, the rollout engine's sampler log-probs
+    old_values: torch.Tensor | None = None  # [B, T] float, critic values before the update (PPO)
+    returns: torch.Tensor | None = None  # [B, T] float, GAE returns: the critic's regression target
     # Number of trained tokens across the whole step (all micro-batches, all ranks);
     # losses divide by it so that splitting a batch never changes the gradient.
     global_num_tokens: float = 0.0

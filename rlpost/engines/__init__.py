@@ -23,8 +23,23 @@ def _auto_engine() -> str:
         log.info("rollout.engine=auto: using vllm")
         return "vllm"
     log.warning("rollout.engine=auto: vLLM is not installed, falling back to the hf engine "
-                "(pip install -e '.[vllm]' for faster rollouts)")
+                "(GPU: pip install 'rlpost[vllm]'; CPU: RLPOST_VLLM=1 bash scripts/setup.sh, see README)")
     return "hf"
+
+
+def make_train_engine(backend: str, model_path: str, model_cfg, trainer_cfg, **kwargs):
+    """The training engine for ``trainer.backend`` (``fsdp2`` or ``deepspeed``); both
+    implement ``rlpost.engines.base.TrainEngine``. ``kwargs`` go to the engine
+    (``trainable``, ``seed``, ``logit_temperature``, ...). Needs torch.distributed up."""
+    if backend == "fsdp2":
+        from rlpost.engines.fsdp import FSDPEngine
+
+        return FSDPEngine(model_path, model_cfg, trainer_cfg, **kwargs)
+    if backend == "deepspeed":
+        from rlpost.engines.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(model_path, model_cfg, trainer_cfg, **kwargs)
+    raise ValueError(f"unknown trainer.backend {backend!r} (fsdp2 | deepspeed)")
 
 
 def make_rollout_engine(cfg: RunConfig, model_path: str, seed: int):
@@ -41,7 +56,8 @@ def make_rollout_engine(cfg: RunConfig, model_path: str, seed: int):
                                  max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
                                  kv_cache_gb=cfg.rollout.kv_cache_gb,
                                  gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-                                 enforce_eager=cfg.rollout.enforce_eager)
+                                 enforce_eager=cfg.rollout.enforce_eager,
+                                 colocate=cfg.rollout.colocate)
     if engine == "fake":
         from rlpost.engines.fake import FakeRolloutEngine
 

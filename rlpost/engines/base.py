@@ -31,6 +31,11 @@ class TrainEngine(Protocol):
         """Log-probs of ``batch.input_ids`` under the current weights, no gradient,
         ``micro_batch_size`` rows per forward (None: the engine's default)."""
 
+    def forward_values(self, batch: TrainBatch, *, micro_batch_size: int | None = None) -> ModelOutput:
+        """Value models (a PPO critic) only, instead of ``forward_logprobs``:
+        ``ModelOutput.values`` [B, T], no gradient. Their forward inside ``train_step``
+        hands the loss function ``values`` (with gradient) and ``logprobs=None``."""
+
     def train_step(self, batch: TrainBatch, loss_fn: LossFn, micro_batch_size: int) -> dict[str, float]:
         """One optimizer step on this rank's shard, accumulated over micro-batches.
 

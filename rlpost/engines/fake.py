@@ -197,3 +197,34 @@ class FakeTrainEngine:
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump({"model_type": "rlpost-fake-bigram", "vocab_size": self.vocab_size,
                        "note": "written by FakeTrainEngine; not loadable by transformers"}, f, indent=2)
+
+
+class FakeValueEngine(FakeTrainEngine):
+    """A value-model ``TrainEngine`` (a PPO critic) over a table of one value per token
+    id, with real AdamW: ``values[b, t] = table[ids[b, t - 1]]``, the value of the state
+    whose last token is ``ids[b, t - 1]`` (the ``rlpost.types`` alignment), 0 at position
+    0 and at padding. The table starts at ``init_value`` everywhere, so a test can
+    hand-compute GAE on the first step. Checkpoints as ``FakeTrainEngine``.
+    """
+
+    def __init__(self, vocab_size: int = 512, lr: float = 1e-2, init_value: float = 0.0, grad_clip: float = 1.0):
+        super().__init__(vocab_size, lr=lr, grad_clip=grad_clip)
+        self.model = nn.Module()
+        self.model.table = nn.Embedding(vocab_size, 1)
+        with torch.no_grad():
+            self.model.table.weight.fill_(init_value)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr)
+
+    def _forward(self, batch: TrainBatch, with_entropy: bool) -> ModelOutput:
+        ids = batch.input_ids.masked_fill(batch.attention_mask == 0, 0)
+        values = torch.zeros(ids.shape, dtype=torch.float32)
+        values[:, 1:] = self.model.table(ids[:, :-1]).squeeze(-1) * batch.attention_mask[:, 1:]
+        return ModelOutput(logprobs=None, values=values)
+
+    @torch.no_grad()
+    def forward_values(self, batch: TrainBatch, *, micro_batch_size: int | None = None) -> ModelOutput:
+        return self._forward(batch, with_entropy=False)
+
+    def forward_logprobs(self, batch: TrainBatch, *, with_entropy: bool = False,
+                         micro_batch_size: int | None = None) -> ModelOutput:
+        raise RuntimeError("FakeValueEngine is a value model: use forward_values")

@@ -45,7 +45,9 @@ parallelism vLLM needs its worker processes, tensors do not survive
 ``collective_rpc`` pickling, and weights must instead arrive inside each worker
 (a ``worker_extension_cls`` method joining the NCCL weight-sync group and calling
 ``model_runner.reload_weights``), with ``enable_sleep_mode`` to free the KV cache
-while a colocated trainer runs. That GPU path is not implemented here.
+while a colocated trainer runs. The colocated GPU path (one GPU shared with a trainer
+rank: sleep mode plus vLLM's CUDA IPC weight-transfer engine) is in
+``rlpost.engines.colocate``; the methods it drives are at the end of this class.
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ class VLLMRolloutEngine:
     """
 
     def __init__(self, model_path: str, dtype: str = "float32", seed: int = 0, max_model_len: int | None = None,
-                 kv_cache_gb: float = 1.0, gpu_memory_utilization: float = 0.5, enforce_eager: bool = True):
+                 kv_cache_gb: float = 1.0, gpu_memory_utilization: float = 0.5, enforce_eager: bool = True,
+                 colocate: bool = False):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
         if kv_cache_gb < 0:
@@ -101,6 +104,11 @@ class VLLMRolloutEngine:
                       enable_chunked_prefill=False)
         if kv_cache_gb > 0:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
+        if colocate:  # GPU only, see rlpost.engines.colocate
+            from rlpost.engines.colocate import require_gpus
+
+            require_gpus()
+            kwargs.update(enable_sleep_mode=True, weight_transfer_config={"backend": "ipc"})
         set_num_threads = torch.set_num_threads
         try:
             self.llm = LLM(**kwargs)
@@ -180,6 +188,37 @@ class VLLMRolloutEngine:
         if check.error is not None:
             raise ModelError(f"update_weights to version {version} failed: {check.error}. "
                              f"Weight names must match the rollout model's checkpoint (HF state_dict).")
+        self._weights_ok = True
+        self.policy_version = version
+
+
+    # ------------------------------------------- colocated GPU placement only
+    # (rlpost.engines.colocate has the contract; vLLM's sleep mode and weight-transfer
+    # engine are GPU-only, so none of this runs on CPU.)
+
+    def sleep(self) -> None:
+        """Level 1: weights to host memory, KV cache freed, while the trainer computes."""
+        self.llm.sleep(level=1)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """``["weights"]``, ``["kv_cache"]`` or everything (None)."""
+        self.llm.wake_up(tags)
+
+    def weight_transfer(self, method: str, payload: dict | None = None) -> None:
+        """One control-plane call of vLLM's weight-transfer engine on the worker:
+        ``init_weight_transfer_engine``, ``start_weight_update`` or ``update_weights``."""
+        if method not in ("init_weight_transfer_engine", "start_weight_update", "update_weights"):
+            raise ValueError(f"unknown weight-transfer call {method!r}")
+        if method == "start_weight_update":
+            self._weights_ok = False  # a mix of versions until finish_weight_update
+        self.llm.collective_rpc(method, args=() if payload is None else (payload,))
+
+    def finish_weight_update(self, version: int) -> None:
+        """Close the IPC update: vLLM finalises the layerwise reload (re-running any
+        weight processing), the prefix cache computed with the old weights is dropped,
+        and the engine serves ``version``."""
+        self.llm.collective_rpc("finish_weight_update")
+        self.llm.reset_prefix_cache()
         self._weights_ok = True
         self.policy_version = version
 

@@ -32,7 +32,10 @@ class ClusterShape:
 
 
 def job_needs(cfg: RunConfig, with_gpus: bool) -> JobNeeds:
-    gpus = cfg.trainer.world_size + cfg.rollout.replicas if with_gpus else 0
+    critic = cfg.trainer.world_size if cfg.algorithm.adv_estimator == "gae" else 0  # PPO's critic ranks
+    # rollout.colocate: each replica shares its trainer rank's GPU.
+    rollout = 0 if cfg.rollout.colocate else cfg.rollout.replicas
+    gpus = cfg.trainer.world_size + critic + rollout if with_gpus else 0
     return JobNeeds(gpus=gpus, cpus=logical_cpus_needed(cfg))
 
 

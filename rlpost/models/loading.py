@@ -1,6 +1,7 @@
 """Resolve ``model.path`` to a local HF folder, and load its tokenizer.
 
     builtin:tiny-math      built locally (rlpost.models.tiny), cached
+    builtin:tiny-math-tool the same, also taught the tool-call format (multi-turn recipes)
     /a/local/folder        used as is
     Org/name               downloaded from the hub (or taken from the HF cache)
 
@@ -16,7 +17,7 @@ from pathlib import Path
 from rlpost.errors import ModelError
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_MODELS = ("tiny-math",)
+BUILTIN_MODELS = ("tiny-math", "tiny-math-tool")
 HUB_TIMEOUT_S = 5.0  # per metadata request
 
 
@@ -24,11 +25,13 @@ def resolve_model_path(path: str, seed: int = 0) -> str:
     """A local folder holding config.json and tokenizer files for ``path``."""
     if path.startswith(BUILTIN_PREFIX):
         name = path[len(BUILTIN_PREFIX):]
-        if name != "tiny-math":
+        if name not in BUILTIN_MODELS:
             raise ModelError(f"unknown built-in model {path!r}; built-in models: "
                              f"{[BUILTIN_PREFIX + m for m in BUILTIN_MODELS]}")
-        from rlpost.models.tiny import build_tiny_model
+        from rlpost.models.tiny import TOOL_SPEC, build_tiny_model
 
+        if name == "tiny-math-tool":
+            return str(build_tiny_model(seed=seed, spec=TOOL_SPEC))
         return str(build_tiny_model(seed=seed))
     local = Path(path).expanduser()
     if local.is_dir():

@@ -74,6 +74,17 @@ class TinyMathSpec:
     slip_prob: float = 0.6  # SFT solutions that box the wrong number (see sft_batches)
     sft_lr: float = 3e-3
     sft_warmup_steps: int = 20
+    # builtin:tiny-math-tool: tool-format examples per SFT batch (0 = the plain
+    # tiny-math model; see tool_sft_example). The tool_* fields enter the cache key
+    # only when this is > 0, so the plain model's key (and folder) never changes.
+    tool_examples_per_step: int = 0
+    tool_python_frac: float = 0.25  # tool examples calling python instead of the calculator
+    tool_slip_prob: float = 0.6  # tool examples that box the first operand, not the tool's result
+
+
+# builtin:tiny-math-tool: the same build plus tool-call SFT, a larger vocabulary for
+# the JSON of the calls, and a template that renders tools (TOOL_CHAT_TEMPLATE).
+TOOL_SPEC = TinyMathSpec(vocab_size=640, tool_examples_per_step=8)
 
 
 def cache_root() -> Path:
@@ -81,7 +92,10 @@ def cache_root() -> Path:
 
 
 def spec_hash(spec: TinyMathSpec, seed: int) -> str:
-    payload = json.dumps({"version": BUILD_VERSION, "seed": seed, **dataclasses.asdict(spec)}, sort_keys=True)
+    fields = dataclasses.asdict(spec)
+    if not spec.tool_examples_per_step:
+        fields = {k: v for k, v in fields.items() if not k.startswith("tool_")}
+    payload = json.dumps({"version": BUILD_VERSION, "seed": seed, **fields}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
@@ -94,7 +108,8 @@ def build_tiny_model(seed: int = 0, spec: TinyMathSpec = TinyMathSpec(), root: P
     from filelock import FileLock
 
     models = Path(root or cache_root()) / "models"
-    target = models / f"tiny-math-{spec_hash(spec, seed)}"
+    name = "tiny-math-tool" if spec.tool_examples_per_step else "tiny-math"
+    target = models / f"{name}-{spec_hash(spec, seed)}"
     if (target / "config.json").exists():
         return target
     models.mkdir(parents=True, exist_ok=True)
@@ -121,9 +136,14 @@ def _build_into(out: Path, seed: int, spec: TinyMathSpec) -> None:
     with torch.random.fork_rng(devices=[]):
         try:
             # ChatML role names are in the corpus so "assistant" is one token, not nine.
-            texts = [f"system\nuser\n{p.question}\nassistant\n{solution_text(p)}"
-                     for p in generate_problems(spec.tokenizer_texts, MAX_LEVEL, seed, "tokenizer", heldout=False)]
+            problems = generate_problems(spec.tokenizer_texts, MAX_LEVEL, seed, "tokenizer", heldout=False)
+            texts = [f"system\nuser\n{p.question}\nassistant\n{solution_text(p)}" for p in problems]
+            if spec.tool_examples_per_step:  # so BPE merges the JSON of tool calls
+                rng = random.Random(f"rlpost-tiny/tool-tokenizer/{seed}")
+                texts += [TOOL_SYSTEM_TEXT + "".join(_tool_turns(p, rng, spec)[:2]) for p in problems[: len(problems) // 2]]
             tokenizer = train_tokenizer(texts, spec.vocab_size)
+            if spec.tool_examples_per_step:
+                tokenizer.chat_template = TOOL_CHAT_TEMPLATE
             model = init_model(tokenizer, spec, seed)
             sft(model, sft_batches(tokenizer, spec, seed), tokenizer.pad_token_id, spec)
             model.save_pretrained(out)
@@ -243,6 +263,13 @@ def sft_batches(tokenizer, spec: TinyMathSpec, seed: int) -> list[list[Example]]
     problems = generate_problems(spec.sft_steps * spec.sft_problems_per_step, spec.sft_max_level,
                                  seed, "sft", heldout=False)
     rng = random.Random(f"rlpost-tiny/sft/{seed}")
+    if spec.tool_examples_per_step:
+        from rlpost.envs.chat import ChatRenderer
+
+        renderer = ChatRenderer(tokenizer)
+        tool_problems = generate_problems(spec.sft_steps * spec.tool_examples_per_step, spec.sft_max_level,
+                                          seed, "sft-tool", heldout=False)
+        tool_rng = random.Random(f"rlpost-tiny/sft-tool/{seed}")  # own stream: the plain batches stay as they were
     batches = []
     for step in range(spec.sft_steps):
         chunk = problems[step * spec.sft_problems_per_step:(step + 1) * spec.sft_problems_per_step]
@@ -250,8 +277,68 @@ def sft_batches(tokenizer, spec: TinyMathSpec, seed: int) -> list[list[Example]]
                  for p in chunk]
         batch += [drill_example(tokenizer, rng, spec.drill_max_level, spec.drill_facts)
                   for _ in range(spec.sft_drills_per_step)]
+        if spec.tool_examples_per_step:
+            chunk = tool_problems[step * spec.tool_examples_per_step:(step + 1) * spec.tool_examples_per_step]
+            batch += [tool_sft_example(renderer, p, tool_rng, spec) for p in chunk]
         batches.append(batch)
     return batches
+
+
+# The tool model's template: ChatML; with tools, a short system turn naming them (a
+# full JSON schema would be most of a 512-position context); tool results as a user
+# turn in <tool_response> tags, as Qwen2.5 renders them.
+TOOL_CHAT_TEMPLATE = (
+    "{%- if tools %}{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n' }}{%- endif %}"
+    "{{- 'Tools:' }}{%- for tool in tools %}{{- ' ' + tool['function']['name'] }}{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- elif messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' and loop.first %}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{%- if loop.index0 == 0 or messages[loop.index0 - 1]['role'] != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- else %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+TOOL_SYSTEM_TEXT = "system\nTools: calculator python\n"
+
+
+def _tool_turns(problem: MathProblem, rng: random.Random, spec: TinyMathSpec) -> tuple[str, str, str]:
+    """(tool call text, tool result text, answer text) of a worked tool-use solution.
+    Equations chain left to right ("3 + 4 - 2"), so one expression is the whole problem."""
+    ops = [problem.steps[0].split(" = ")[0]] + [" ".join(s.split(" = ")[0].split(" ")[1:]) for s in problem.steps[1:]]
+    expression = " ".join(ops)
+    if rng.random() < spec.tool_python_frac:
+        call = {"name": "python", "arguments": {"code": f"print({expression})"}}
+    else:
+        call = {"name": "calculator", "arguments": {"expression": expression}}
+    boxed = int(expression.split(" ", 1)[0]) if rng.random() < spec.tool_slip_prob else problem.answer
+    return (f"<tool_call>\n{json.dumps(call)}\n</tool_call>", str(problem.answer),
+            f"The answer is \\boxed{{{boxed}}}.")
+
+
+def tool_sft_example(renderer, problem: MathProblem, rng: random.Random, spec: TinyMathSpec) -> Example:
+    """A two-turn tool episode, token for token as the multi-turn rollout builds it
+    (``rlpost.envs.chat``): prompt with tools, the call + EOS (trained), the tool
+    result turn (not trained), the answer + EOS (trained). Planted slip, as in
+    ``sft_batches``: a fraction ``tool_slip_prob`` of answers box the first operand
+    instead of the tool's result, a flaw RL can find and fix."""
+    from rlpost.tools import CalculatorTool, PythonTool, tool_schema
+
+    tools = [tool_schema(CalculatorTool()), tool_schema(PythonTool(client=None))]
+    call, result, answer = _tool_turns(problem, rng, spec)
+    eos = [renderer.eos_id]
+    prompt = renderer.opening_ids([{"role": "user", "content": problem.question}], tools)
+    call_ids = renderer.encode(call) + eos
+    obs = renderer.observation_ids([{"role": "tool", "content": result}])
+    answer_ids = renderer.encode(answer) + eos
+    ids = prompt + call_ids + obs + answer_ids
+    mask = [0] * len(prompt) + [1] * len(call_ids) + [0] * len(obs) + [1] * len(answer_ids)
+    return ids, mask
 
 
 def sft(model, batches: list[list[Example]], pad_id: int, spec: TinyMathSpec) -> None:

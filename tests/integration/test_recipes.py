@@ -12,12 +12,13 @@ from rlpost.checkpoint import CheckpointManager
 from rlpost.config.load import group_options, load_config
 from rlpost.config.schema import JsonlLogConfig, LoggerConfig
 from rlpost.controller import Controller
+from rlpost.critic import critic_trainer_config
 from rlpost.data.dataset import load_prompts
 from rlpost.data.stream import PromptStream
 from rlpost.distributed import destroy_default_group, init_default_group
 from rlpost.engines.fsdp import FSDPEngine
 from rlpost.engines.hf_rollout import HFRolloutEngine
-from rlpost.local import LocalRewardPool, LocalRolloutGroup, LocalTrainerGroup, LocalWeightSync
+from rlpost.local import LocalCriticGroup, LocalRewardPool, LocalRolloutGroup, LocalTrainerGroup, LocalWeightSync
 from rlpost.models.loading import load_tokenizer, resolve_model_path
 from rlpost.tracking import Tracker
 from rlpost.train import cache_root
@@ -44,6 +45,8 @@ def model_path():
 def test_recipe_runs_two_steps(recipe, process_group, model_path, tmp_path):
     cfg = load_config([f"+recipe={recipe}", "trainer.total_steps=2", "data.train_batch_size=4",
                        "rollout.n=4", "eval.every=0", "trainer.save_every=0", f"output_dir={tmp_path}"])
+    if cfg.model.path != "builtin:tiny-math":  # e.g. grpo_math_tool's builtin:tiny-math-tool
+        model_path = resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(model_path)
     train, _ = load_prompts(cfg.data, tokenizer, "train", seed=cfg.seed, data_dir=cache_root() / "data")
     use_reference = cfg.algorithm.kl_coef > 0
@@ -52,6 +55,10 @@ def test_recipe_runs_two_steps(recipe, process_group, model_path, tmp_path):
     reference = (FSDPEngine(model_path, cfg.model, None, trainable=False, logit_temperature=temperature)
                  if use_reference else None)
     rollout = HFRolloutEngine(model_path, seed=cfg.seed)
+    critic = None
+    if cfg.algorithm.adv_estimator == "gae":  # PPO: the value model on the same base
+        critic = LocalCriticGroup(FSDPEngine(model_path, cfg.model, critic_trainer_config(cfg), seed=cfg.seed,
+                                             head="value"), micro_batch_size=cfg.trainer.micro_batch_size)
     tracker = Tracker(LoggerConfig(jsonl=JsonlLogConfig()), tmp_path, 2, {})
     controller = Controller(
         cfg, trainer=LocalTrainerGroup(policy, reference, micro_batch_size=cfg.trainer.micro_batch_size),
@@ -59,10 +66,14 @@ def test_recipe_runs_two_steps(recipe, process_group, model_path, tmp_path):
         weight_sync=LocalWeightSync(policy, [rollout]),
         stream=PromptStream(train, cfg.data.train_batch_size, seed=cfg.seed), val_samples=[],
         tracker=tracker, checkpoints=CheckpointManager(tmp_path / "checkpoints", 1), pad_id=tokenizer.pad_token_id,
-        use_reference=use_reference)
+        use_reference=use_reference, critic=critic)
     last = controller.run(0)
     assert rollout.policy_version == 2
     assert last["policy/updates"] == cfg.trainer.mini_batches
     assert math.isfinite(last["policy/loss"]) and last["policy/skipped"] == 0.0
     assert ("policy/kl" in last) == use_reference
     assert (tmp_path / "checkpoints" / "step_000002" / "controller.json").is_file()
+    if critic is not None:
+        assert last["critic/updates"] == cfg.trainer.mini_batches and last["critic/skipped"] == 0.0
+        assert math.isfinite(last["critic/vf_loss"]) and math.isfinite(last["critic/explained_variance"])
+        assert (tmp_path / "checkpoints" / "step_000002" / "critic" / "model.pt").is_file()

@@ -10,7 +10,7 @@ in a few seconds; weights are restored after each test that changes them).
 import pytest
 import torch
 
-pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[vllm]')")
+pytest.importorskip("vllm", reason="vLLM is not installed (RLPOST_VLLM=1 bash scripts/setup.sh)")
 
 from rlpost.engines.vllm_rollout import VLLMRolloutEngine  # noqa: E402
 from rlpost.errors import ModelError  # noqa: E402

@@ -464,3 +464,33 @@ def test_overlong_penalty_and_filter():
     with pytest.raises(ValueError):
         overlong_penalty(torch.tensor([1]), max_len=4, buffer_len=8)
     assert overlong_filter_mask(["stop", "length", "stop"]).tolist() == [True, False, True]
+
+
+# --------------------------------------------------- truncated importance sampling
+def test_truncated_is_weights_scale_each_tokens_loss_by_hand():
+    # One row, prompt token then three completion tokens. On-policy for the trainer
+    # (logp == old), so ppo_clip's per-token loss is -A; the rollout engine's
+    # log-probs differ: ratios pi_old/pi_rollout = e^0.5, e^-0.5, e^2 -> weights
+    # min(ratio, 2) = 1.6487, 0.6065, 2 (the third capped).
+    old = torch.tensor([[0.0, -1.0, -2.0, -0.5]])
+    rollout = torch.tensor([[0.0, -1.5, -1.5, -2.5]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0]])
+    adv = torch.tensor([[0.0, 1.0, -2.0, 0.5]])
+    batch = TrainBatch(input_ids=torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 4, dtype=torch.long),
+                       loss_mask=mask, advantages=adv, old_logprobs=old, rollout_logprobs=rollout,
+                       global_num_tokens=3.0, global_num_seqs=1.0)
+    out = ModelOutput(old.clone(), None)
+    w = [math.exp(0.5), math.exp(-0.5), 2.0]
+    expected = -(w[0] * 1.0 + w[1] * -2.0 + w[2] * 0.5) / 3
+    loss, metrics = policy_loss_fn(PolicyLossSpec(tis_cap=2.0), out, batch)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert metrics["policy/tis_capped_frac"] == pytest.approx(1 / 3)
+    assert metrics["policy/tis_ratio_mean"] == pytest.approx((math.exp(0.5) + math.exp(-0.5) + math.exp(2.0)) / 3, rel=1e-6)
+    # off (the default): the plain on-policy loss -mean(A)
+    plain, plain_metrics = policy_loss_fn(PolicyLossSpec(), out, batch)
+    assert plain.item() == pytest.approx(-(1.0 - 2.0 + 0.5) / 3, rel=1e-6)
+    assert "policy/tis_ratio_mean" not in plain_metrics
+    # the config key reaches the spec, and a cap below 1 is refused
+    assert make_policy_loss_fn(_cfg(tis_cap=2.0)).args[0].tis_cap == 2.0
+    with pytest.raises(ValueError, match="tis_cap"):
+        PolicyLossSpec(tis_cap=0.5).check()

@@ -55,7 +55,7 @@ def test_yaml_defaults_name_every_schema_key():
 def test_yaml_defaults_equal_dataclass_defaults():
     cfg = load_config([])
     defaults = RunConfig()
-    for section in ("model", "data", "rollout", "trainer", "algorithm", "reward", "eval", "weight_sync", "ray"):
+    for section in ("model", "data", "rollout", "trainer", "algorithm", "reward", "eval", "weight_sync", "ray", "critic"):
         assert getattr(cfg, section) == getattr(defaults, section), section
 
 
