@@ -53,3 +53,17 @@ def with_loss_rows(batch: TrainBatch, keep_rows: torch.Tensor) -> TrainBatch:
     batch.global_num_tokens = float(batch.loss_mask.sum())
     batch.global_num_seqs = count_sequences(batch.loss_mask)
     return batch
+
+
+def mini_batches(batch: TrainBatch, mini_batches: int, epochs: int, generator: torch.Generator):
+    """``epochs`` passes of ``mini_batches`` mini-batches over ``batch`` (shuffled when
+    there are several), trimmed, each with its own global token/sequence counts (one
+    optimizer step each); mini-batches without a trained token are skipped."""
+    for _ in range(epochs):
+        order = torch.randperm(batch.size, generator=generator) if mini_batches > 1 else torch.arange(batch.size)
+        for part in order.chunk(mini_batches):
+            mini = batch.select(part).trim()
+            mini.global_num_tokens = float(mini.loss_mask.sum())
+            mini.global_num_seqs = count_sequences(mini.loss_mask)
+            if mini.global_num_tokens > 0:
+                yield mini

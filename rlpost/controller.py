@@ -18,14 +18,13 @@ import torch
 
 from rlpost.algorithms import (
     KL_ESTIMATORS,
-    count_sequences,
     make_advantage_fn,
     make_kl_controller,
     make_policy_loss_fn,
     mean_sequence_kl,
     overlong_filter_mask,
 )
-from rlpost.batching import build_train_batch, outcome_advantages_per_token, with_loss_rows
+from rlpost.batching import build_train_batch, mini_batches, outcome_advantages_per_token, with_loss_rows
 from rlpost.collect import Collected, Collector
 from rlpost.checkpoint import CheckpointManager, ControllerState
 from rlpost.config.schema import RunConfig
@@ -205,22 +204,15 @@ class Controller:
         generator = torch.Generator().manual_seed(self.cfg.seed * 7919 + step)
         summed: dict[str, float] = {}
         updates = 0
-        for _ in range(tc.epochs):
-            order = torch.randperm(batch.size, generator=generator) if tc.mini_batches > 1 else torch.arange(batch.size)
-            for part in order.chunk(tc.mini_batches):
-                mini = batch.select(part).trim()
-                mini.global_num_tokens = float(mini.loss_mask.sum())
-                mini.global_num_seqs = count_sequences(mini.loss_mask)
-                if mini.global_num_tokens == 0:
-                    continue
-                metrics = self.trainer.train_step(mini, self.loss_fn)
-                if metrics["skipped"]:
-                    self._bad_update(step)
-                else:
-                    self.bad_updates = 0
-                for key, value in metrics.items():
-                    summed[key] = summed.get(key, 0.0) + value
-                updates += 1
+        for mini in mini_batches(batch, tc.mini_batches, tc.epochs, generator):
+            metrics = self.trainer.train_step(mini, self.loss_fn)
+            if metrics["skipped"]:
+                self._bad_update(step)
+            else:
+                self.bad_updates = 0
+            for key, value in metrics.items():
+                summed[key] = summed.get(key, 0.0) + value
+            updates += 1
         out = {(k if k.startswith("policy/") else f"policy/{k}"): v / max(updates, 1) for k, v in summed.items()}
         out["policy/updates"] = float(updates)
         return out

@@ -20,7 +20,8 @@ import dataclasses
 
 import torch
 
-from rlpost.algorithms import count_sequences, gae, kl_penalty_rewards, last_token_scores, make_value_loss_fn, whiten
+from rlpost.algorithms import gae, kl_penalty_rewards, last_token_scores, make_value_loss_fn, whiten
+from rlpost.batching import mini_batches
 from rlpost.config.schema import RunConfig, TrainerConfig
 from rlpost.errors import TrainingError
 from rlpost.types import TrainBatch
@@ -74,19 +75,12 @@ class CriticStages:
         generator = torch.Generator().manual_seed(self.cfg.seed * 7919 + step + 104729)
         summed: dict[str, float] = {}
         updates = 0
-        for _ in range(tc.epochs):
-            order = torch.randperm(batch.size, generator=generator) if tc.mini_batches > 1 else torch.arange(batch.size)
-            for part in order.chunk(tc.mini_batches):
-                mini = batch.select(part).trim()
-                mini.global_num_tokens = float(mini.loss_mask.sum())
-                mini.global_num_seqs = count_sequences(mini.loss_mask)
-                if mini.global_num_tokens == 0:
-                    continue
-                metrics = self.critic.train_step(mini, self.loss_fn)
-                self._check_update(metrics, step)
-                for key, value in metrics.items():
-                    summed[key] = summed.get(key, 0.0) + value
-                updates += 1
+        for mini in mini_batches(batch, tc.mini_batches, tc.epochs, generator):
+            metrics = self.critic.train_step(mini, self.loss_fn)
+            self._check_update(metrics, step)
+            for key, value in metrics.items():
+                summed[key] = summed.get(key, 0.0) + value
+            updates += 1
         out = {(k if k.startswith("critic/") else f"critic/{k}"): v / max(updates, 1) for k, v in summed.items()}
         out["critic/updates"] = float(updates)
         return out
