@@ -102,3 +102,18 @@ def dead_owners(refs: list, timeout_s: float) -> list[int]:
         except Exception:  # the task raised; its actor is alive
             pass
     return dead
+
+
+# TrainEngine.train_step metrics that are already global (identical on every rank).
+_GLOBAL_STEP_METRICS = frozenset({"grad_norm", "lr", "skipped"})
+
+
+def merge_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """One group's ``train_step`` metrics from its ranks': additive ones (the LossFn
+    contract) summed over ranks, ``grad_norm``/``lr``/``skipped`` taken once."""
+    merged = {k: v for k, v in per_rank[0].items() if k in _GLOBAL_STEP_METRICS}
+    for metrics in per_rank:
+        for key, value in metrics.items():
+            if key not in _GLOBAL_STEP_METRICS:
+                merged[key] = merged.get(key, 0.0) + value
+    return merged

@@ -21,7 +21,7 @@ import torch
 
 from rlpost.config.schema import RunConfig
 from rlpost.types import TrainBatch
-from rlpost.workers.cluster import free_port, node_ip, quiet_actor_logs, wait
+from rlpost.workers.cluster import free_port, merge_rank_metrics, node_ip, quiet_actor_logs, wait
 
 
 @ray.remote
@@ -95,14 +95,7 @@ class CriticGroup:
     def train_step(self, batch: TrainBatch, loss_fn) -> dict[str, float]:
         """One critic optimizer step over ``batch`` sharded across ranks; metrics merged
         as ``TrainerGroup.train_step`` does (additive ones summed, global ones once)."""
-        per_rank = self._sharded("train_step", batch, loss_fn, self.cfg.trainer.micro_batch_size)
-        global_keys = {"grad_norm", "lr", "skipped"}
-        merged = {k: v for k, v in per_rank[0].items() if k in global_keys}
-        for metrics in per_rank:
-            for key, value in metrics.items():
-                if key not in global_keys:
-                    merged[key] = merged.get(key, 0.0) + value
-        return merged
+        return merge_rank_metrics(self._sharded("train_step", batch, loss_fn, self.cfg.trainer.micro_batch_size))
 
     def save(self, path: str) -> None:
         wait([a.save.remote(path) for a in self.actors], None, "critic save")

@@ -18,7 +18,7 @@ import torch
 from rlpost.config.schema import RunConfig
 from rlpost.errors import TrainerLost
 from rlpost.types import TrainBatch
-from rlpost.workers.cluster import dead_owners, free_port, quiet_actor_logs, wait
+from rlpost.workers.cluster import dead_owners, free_port, merge_rank_metrics, quiet_actor_logs, wait
 
 # How long to wait for the other ranks' calls to settle after one failed, to tell a
 # dead rank (its peers' collectives reset at once) from an ordinary exception.
@@ -179,14 +179,7 @@ class TrainerGroup:
     def train_step(self, batch: TrainBatch, loss_fn) -> dict[str, float]:
         """One optimizer step over ``batch`` sharded across ranks. Additive metrics are
         summed over ranks; ``grad_norm``/``lr``/``skipped`` are global and taken once."""
-        per_rank = self._sharded("train_step", batch, loss_fn, self.cfg.trainer.micro_batch_size)
-        global_keys = {"grad_norm", "lr", "skipped"}
-        merged = {k: v for k, v in per_rank[0].items() if k in global_keys}
-        for metrics in per_rank:
-            for key, value in metrics.items():
-                if key not in global_keys:
-                    merged[key] = merged.get(key, 0.0) + value
-        return merged
+        return merge_rank_metrics(self._sharded("train_step", batch, loss_fn, self.cfg.trainer.micro_batch_size))
 
     # --- weight sync (see rlpost.weight_sync for the contract) ---
     def weight_sync_init(self, world_size: int) -> tuple[str, int]:

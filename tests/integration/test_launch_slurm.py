@@ -17,7 +17,7 @@ import pytest
 
 from rlpost.launch.cli import main
 
-psutil = pytest.importorskip("psutil")
+psutil = pytest.importorskip("psutil", reason="needs psutil from the launch extra: pip install -e '.[launch]'")
 
 BIN = Path(sys.executable).parent
 RUN = ["+recipe=grpo_math", "trainer.total_steps=1", "data.train_batch_size=2", "rollout.n=2",
