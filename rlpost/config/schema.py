@@ -430,8 +430,6 @@ class RunConfig:
                      f"(= trainer.world_size), got {self.rollout.replicas}")
             _require(self.algorithm.adv_estimator != "gae", "rollout.colocate",
                      "does not place a PPO critic on the shared GPUs yet; use rollout.colocate=false with gae")
-        _require(self.model.lora.rank == 0 or self.trainer.backend == "deepspeed", "model.lora.rank",
-                 "LoRA is implemented in the deepspeed trainer only: add trainer.backend=deepspeed")
         _require(self.algorithm.overlong_buffer_len <= self.rollout.max_new_tokens, "algorithm.overlong_buffer_len",
                  f"must be at most rollout.max_new_tokens={self.rollout.max_new_tokens}")
         rows = self.data.train_batch_size * self.rollout.n

@@ -42,7 +42,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from rlpost.config.schema import ModelConfig, TrainerConfig
-from rlpost.engines import hf_io, microbatch
+from rlpost.engines import hf_io, lora, microbatch
 from rlpost.engines.base import LossFn
 from rlpost.errors import ConfigError, ModelError
 from rlpost.types import ModelOutput, TrainBatch
@@ -50,6 +50,11 @@ from rlpost.types import ModelOutput, TrainBatch
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (possibly FSDP-sharded) parameter. Collective for a DTensor."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def sequence_logprobs(
@@ -150,7 +155,13 @@ class FSDPEngine:
         self.model = self._load(model_path, master_dtype)
         # name -> name of the first parameter it shares storage with (tied embeddings).
         self._aliases = hf_io.shared_parameter_aliases(self.model)
+        # LoRA (model.lora.rank > 0) on the trainable policy only; see rlpost.engines.lora.
+        self.lora = trainable and head == "lm" and model_cfg.lora.rank > 0
+        if self.lora:
+            self.model = lora.apply_lora(self.model, model_cfg.lora, model_cfg.gradient_checkpointing)
         self._shard(mixed=trainable and self.dtype != torch.float32)
+        # Built after sharding: keep_vars then holds the DTensor parameters FSDP2 installed.
+        self._export = lora.export_plan(self.model) if self.lora else None
 
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
@@ -216,7 +227,7 @@ class FSDPEngine:
 
     def _build_optimizer(self, cfg: TrainerConfig) -> None:
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
+            [p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
         )
         total = cfg.total_steps * cfg.mini_batches * cfg.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -374,8 +385,8 @@ class FSDPEngine:
     def named_weight_shapes(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """(HF name, full shape, dtype) of what ``named_full_weights`` yields, in order.
         Local, not collective: what a weight-sync plan is built from."""
-        return [(name, tuple(t.shape), self.dtype if t.is_floating_point() else t.dtype)
-                for name, t in self.model.state_dict().items()]
+        named = ([(e.name, e.base) for e in self._export] if self.lora else self.model.state_dict().items())
+        return [(name, tuple(t.shape), self.dtype if t.is_floating_point() else t.dtype) for name, t in named]
 
     def named_full_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Full tensors in HF naming and ``model.dtype``, one at a time (peak extra
@@ -384,10 +395,15 @@ class FSDPEngine:
 
         Yields exactly the keys the plain HF model's ``state_dict()`` has, tied
         ``lm_head.weight`` included (re-gathered, not cached, to keep the peak low).
+        With LoRA: the base model's names, adapters merged in (``rlpost.engines.lora``).
         """
+        if self.lora:
+            for entry in self._export:
+                full = [_full(t.detach()) for t in (entry.base, *entry.adapter_params())]
+                yield entry.name, entry.merged(*full).to(self.dtype)
+            return
         for name, tensor in self.model.state_dict().items():
-            if isinstance(tensor, DTensor):
-                tensor = tensor.full_tensor()
+            tensor = _full(tensor)
             yield name, tensor.detach().to(self.dtype) if tensor.is_floating_point() else tensor.detach()
 
     # ---------------------------------------------------------- checkpoints
@@ -399,6 +415,9 @@ class FSDPEngine:
             model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=options)
         else:
             model_sd, optim_sd = get_model_state_dict(self.model, options=options), None
+        if self.lora:  # the frozen base is model_path's: adapters only
+            trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+            model_sd = {k: v for k, v in model_sd.items() if k in trainable}
         if self.rank == 0:
             os.makedirs(path, exist_ok=True)
             torch.save(model_sd, os.path.join(path, MODEL_FILE))
@@ -423,11 +442,18 @@ class FSDPEngine:
         dist.broadcast_object_list(box, src=0, device=self._object_device)
         if box[0] is not None:
             raise ModelError(box[0])
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        # LoRA checkpoints hold the adapters only; the base keeps the weights it loaded.
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=not self.lora)
         # Model and optimizer separately: torch 2.13's set_state_dict treats an empty
         # model dict (what ranks > 0 pass with broadcast_from_rank0) as "optimizer
         # only", skips the model broadcast there and desynchronises the group.
-        set_model_state_dict(self.model, model_sd, options=options)
+        loaded = set_model_state_dict(self.model, model_sd, options=options)
+        if self.lora:
+            trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+            wrong = sorted(trainable & set(loaded.missing_keys)) + sorted(loaded.unexpected_keys)
+            if wrong:  # same answer on every rank: the key list was broadcast
+                raise ModelError(f"{path!r} does not hold this run's LoRA adapters (model.lora.*): "
+                                 f"{len(wrong)} keys differ, e.g. {wrong[:3]}")
         if self.optimizer is not None:
             set_optimizer_state_dict(self.model, self.optimizer, state.get("optimizer", {}), options=options)
             box = [state.get("scheduler")]

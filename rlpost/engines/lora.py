@@ -1,8 +1,10 @@
 """LoRA adapters through ``peft`` (``model.lora.*``): which tensors a LoRA engine trains,
 and how it turns base weights plus adapters back into plain HF weights.
 
-Only the adapters (``lora_A``/``lora_B``) require grad, so the optimizer, its state
-and checkpoints hold adapters only. The rollout engine and ``export_hf`` get merged
+Used by both trainer backends (FSDP2 and DeepSpeed), for the policy only: the reference
+stays the plain base model and a PPO critic trains fully. Only the adapters
+(``lora_A``/``lora_B``) require grad, so the optimizer, its state and checkpoints hold
+adapters only. The rollout engine and ``export_hf`` get merged
 weights under the base model's HF names, ``W + (alpha / r) * B @ A``, so they never
 see peft (the merge is computed per tensor; the module itself is never merged).
 """
@@ -49,13 +51,20 @@ class ExportedTensor:
             return []
         return [self.layer.lora_A[ADAPTER].weight, self.layer.lora_B[ADAPTER].weight]
 
-    def merged(self, base_value: torch.Tensor) -> torch.Tensor:
+    def merged(self, base_value: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None = None) -> torch.Tensor:
         """``base_value`` (the full base tensor) plus the adapter delta, in its dtype.
-        Call with the adapter parameters gathered."""
+        ``a``/``b`` are the full ``lora_A``/``lora_B`` weights; by default the layer's own
+        (call with them gathered)."""
         if self.layer is None:
             return base_value
-        delta = self.layer.get_delta_weight(ADAPTER)  # (alpha / r) * B @ A, fan-in/out handled
-        return (base_value.float() + delta.float()).to(base_value.dtype)
+        a = self.layer.lora_A[ADAPTER].weight.data if a is None else a
+        b = self.layer.lora_B[ADAPTER].weight.data if b is None else b
+        # peft's delta for a linear layer, (alpha / r) * B @ A, transposed for Conv1D-style
+        # weights; computed here on plain tensors so sharded (DTensor) adapters can pass in.
+        delta = (b.float() @ a.float()) * self.layer.scaling[ADAPTER]
+        if self.layer.fan_in_fan_out:
+            delta = delta.T
+        return (base_value.float() + delta).to(base_value.dtype)
 
 
 def export_plan(peft_model: torch.nn.Module) -> list[ExportedTensor]:

@@ -1,5 +1,6 @@
-"""LoRA in DeepSpeedEngine (ZeRO-2 and ZeRO-3, world 1, tiny random Qwen2): only
-adapters train and are checkpointed; weights leave the engine merged, in HF naming."""
+"""LoRA in both trainer backends (DeepSpeed ZeRO-2 and ZeRO-3 at world 1, FSDP2 at
+world 2; tiny random Qwen2): only adapters train and are checkpointed; weights leave
+the engine merged, in HF naming; the backends take the same step."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from rlpost.config.schema import LoraConfig, ModelConfig
 from test_deepspeed_engine import trainer_cfg  # same schedule and clip as the equivalence test
 from test_fsdp_engine import (  # same batch, loss and model
-    MICRO, _full_weights, _run_world, make_batch, model_dir, token_mean_loss,
+    MICRO, _full_weights, _run_world, _sum_over_ranks, make_batch, model_dir, token_mean_loss,
 )
 
 pytestmark = pytest.mark.integration
@@ -20,54 +21,66 @@ RANK, ALPHA = 4, 8.0
 TARGETS = ["q_proj", "up_proj"]
 
 
-def _engine(model_dir, stage, seed=0):
-    from rlpost.engines.deepspeed import DeepSpeedEngine
+VARIANTS = ["zero2", "zero3", "fsdp2"]
+
+
+def _engine(model_dir, variant, seed=0):
+    from rlpost.engines import make_train_engine
 
     model_cfg = ModelConfig(path=model_dir, lora=LoraConfig(rank=RANK, alpha=ALPHA, target_modules=TARGETS))
-    return DeepSpeedEngine(model_dir, model_cfg, trainer_cfg(f"zero{stage}"), seed=seed)
+    cfg = trainer_cfg(variant)
+    return make_train_engine(cfg.backend, model_dir, model_cfg, cfg, seed=seed)
 
 
 def _adapters(engine) -> dict[str, torch.Tensor]:
-    from deepspeed.utils import safe_get_full_fp32_param
+    from torch.distributed.tensor import DTensor
 
-    return {n: safe_get_full_fp32_param(p).clone() for n, p in engine.model.named_parameters() if p.requires_grad}
+    if engine.trainer_cfg.backend == "deepspeed":
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return {n: safe_get_full_fp32_param(p).clone() for n, p in engine.model.named_parameters() if p.requires_grad}
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+            for n, p in engine.model.named_parameters() if p.requires_grad}
 
 
-def _worker(rank, world, model_dir, out_dir):
-    os.environ["LOCAL_RANK"] = "0"
-    batch = make_batch()
+def _worker(rank, world, model_dir, out_dir, variants):
+    os.environ["LOCAL_RANK"] = str(rank) if world > 1 else "0"
+    batch = make_batch().shard(world)[rank]  # world 2: each rank half the rows
     res = {}
-    for stage in (2, 3):
+    for stage in variants:
         engine = _engine(model_dir, stage)
         r = {"trainable": [n for n, p in engine.model.named_parameters() if p.requires_grad],
              "weights0": _full_weights(engine)}
-        r["step1"] = engine.train_step(batch, token_mean_loss, MICRO)
+        r["step1"] = _sum_over_ranks(engine.train_step(batch, token_mean_loss, MICRO))
         r["weights1"], r["adapters1"] = _full_weights(engine), _adapters(engine)
         engine.save(os.path.join(out_dir, f"ckpt{stage}"))
         r["saved_keys"] = list(torch.load(os.path.join(out_dir, f"ckpt{stage}", "model.pt")).keys())
-        r["step2"] = engine.train_step(batch, token_mean_loss, MICRO)
+        r["step2"] = _sum_over_ranks(engine.train_step(batch, token_mean_loss, MICRO))
         r["weights2"] = _full_weights(engine)
         engine.export_hf(os.path.join(out_dir, f"export{stage}"))
         del engine
         loaded = _engine(model_dir, stage, seed=123)
         loaded.load(os.path.join(out_dir, f"ckpt{stage}"))
-        r["loaded_step2"] = loaded.train_step(batch, token_mean_loss, MICRO)
+        r["loaded_step2"] = _sum_over_ranks(loaded.train_step(batch, token_mean_loss, MICRO))
         r["loaded_weights2"] = _full_weights(loaded)
         del loaded
         res[stage] = r
-    torch.save(res, os.path.join(out_dir, "lora.pt"))
+    if rank == 0:
+        torch.save(res, os.path.join(out_dir, f"lora_{'_'.join(variants)}.pt"))
 
 
 @pytest.fixture(scope="module")
 def runs(model_dir, tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("lora"))
-    _run_world(1, _worker, model_dir, out_dir)
-    res = torch.load(os.path.join(out_dir, "lora.pt"), weights_only=False)
+    res = {}
+    for world, variants in ((1, ["zero2", "zero3"]), (2, ["fsdp2"])):
+        _run_world(world, _worker, model_dir, out_dir, variants, timeout_s=300.0)
+        res.update(torch.load(os.path.join(out_dir, f"lora_{'_'.join(variants)}.pt"), weights_only=False))
     res["out_dir"] = out_dir
     return res
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", VARIANTS)
 def test_only_adapters_train_and_weights_leave_merged(runs, model_dir, stage):
     from transformers import AutoModelForCausalLM
 
@@ -89,7 +102,7 @@ def test_only_adapters_train_and_weights_leave_merged(runs, model_dir, stage):
     torch.testing.assert_close(r["weights1"]["model.layers.1.mlp.up_proj.weight"], expected, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", VARIANTS)
 def test_checkpoint_holds_adapters_only_and_resumes(runs, stage):
     r = runs[stage]
     assert sorted(r["saved_keys"]) == sorted(r["trainable"])
@@ -102,7 +115,15 @@ def test_checkpoint_holds_adapters_only_and_resumes(runs, stage):
 def test_export_is_a_plain_merged_hf_model(runs):
     from transformers import AutoModelForCausalLM
 
-    for stage in (2, 3):
+    for stage in VARIANTS:
         model = AutoModelForCausalLM.from_pretrained(os.path.join(runs["out_dir"], f"export{stage}"))
         for name, value in model.state_dict().items():
             torch.testing.assert_close(value, runs[stage]["weights2"][name], atol=0, rtol=0)
+
+
+def test_fsdp2_and_deepspeed_take_the_same_lora_step(runs):
+    """Same seed, same adapter init, same batch: the merged weights after a step agree,
+    though FSDP2 ran two ranks on halves of the batch and DeepSpeed one."""
+    for name, value in runs["zero2"]["weights1"].items():
+        torch.testing.assert_close(runs["fsdp2"]["weights1"][name], value, atol=1e-5, rtol=1e-5)
+    assert runs["fsdp2"]["step1"]["grad_norm"] == pytest.approx(runs["zero2"]["step1"]["grad_norm"], rel=1e-4)
