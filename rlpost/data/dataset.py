@@ -13,7 +13,6 @@ groups can refer to it. Shuffling is the sampler's job.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from rlpost.config.schema import DataConfig
 from rlpost.data.math_gen import write_builtin_math
 from rlpost.errors import DataError
 from rlpost.types import PromptSample
+from rlpost.utils.jsonl import iter_jsonl
 
 Split = Literal["train", "val"]
 
@@ -183,16 +183,9 @@ def _read_parquet(path: Path) -> Iterator[dict]:
 def _read_jsonl(path: Path) -> Iterator[dict]:
     # Parsed line by line rather than with datasets' json loader: that loader rejects
     # a whole file over one bad line or a column with mixed types, and here a bad
-    # row must cost one row. A non-dict line is yielded as {} and counted malformed.
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row = {}
-            yield row if isinstance(row, dict) else {}
+    # row must cost one row. A bad line is yielded as {} and counted malformed.
+    for row in iter_jsonl(path):
+        yield {} if row is None else row
 
 
 def _is_scalar(value: Any) -> bool:

@@ -8,12 +8,12 @@ last record, as a reader of the run would expect.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlpost.errors import RlpostError
+from rlpost.utils.jsonl import iter_jsonl
 
 
 class ReportError(RlpostError):
@@ -67,21 +67,9 @@ def _as_number(value) -> float | None:
 
 def read_jsonl(path: Path) -> tuple[list[dict], int]:
     """Objects of a JSON-lines file and the number of lines that could not be read."""
-    rows, bad = [], 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                bad += 1
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-            else:
-                bad += 1
-    return rows, bad
+    rows = list(iter_jsonl(path))
+    good = [row for row in rows if row is not None]
+    return good, len(rows) - len(good)
 
 
 def load_run(output_dir: str | Path, metrics_file: str = "metrics.jsonl",
