@@ -12,6 +12,7 @@ import traceback
 from pathlib import Path
 
 import pytest
+from test_controller import RecordingRolloutGroup  # the same recorder the controller tests use
 
 from rlpost.checkpoint import CheckpointManager, read_state
 from rlpost.config.convert import to_dict
@@ -20,7 +21,7 @@ from rlpost.controller import Controller
 from rlpost.data.stream import PromptStream
 from rlpost.engines.fake import FakeRolloutEngine, FakeTrainEngine
 from rlpost.errors import ConfigError, Preempted
-from rlpost.local import LocalRewardPool, LocalRolloutGroup, LocalTrainerGroup, LocalWeightSync
+from rlpost.local import LocalRewardPool, LocalTrainerGroup, LocalWeightSync
 from rlpost.overlap import BUFFER_FILE
 from rlpost.tracking import Tracker
 from rlpost.types import PromptSample
@@ -50,17 +51,6 @@ def make_cfg(out: Path, *overrides: str):
         "trainer.mini_batches=2", "trainer.micro_batch_size=3", "eval.every=0", "eval.size=4",
         f"reward.fn='{THIS_FILE}:share_reward'", "reward.timeout_s=5", *overrides,
     ])
-
-
-class RecordingRollout(LocalRolloutGroup):
-    def __init__(self, engines):
-        super().__init__(engines)
-        self.calls: list[list] = []
-
-    def generate(self, prompts, params):
-        groups = super().generate(prompts, params)
-        self.calls.append(groups)
-        return groups
 
 
 class SlowTrainer(LocalTrainerGroup):
@@ -98,7 +88,7 @@ def build(cfg, *, stream=None, delay_s: float = 0.0, fail_at=None) -> Controller
     trainer = SlowTrainer(policy, micro_batch_size=cfg.trainer.micro_batch_size)
     trainer.delay_s, trainer.fail_at = delay_s, fail_at
     controller = Controller(
-        cfg, trainer=trainer, rollout=RecordingRollout(engines), rewards=LocalRewardPool(cfg.reward),
+        cfg, trainer=trainer, rollout=RecordingRolloutGroup(engines), rewards=LocalRewardPool(cfg.reward),
         weight_sync=LocalWeightSync(policy, engines),
         stream=stream or PromptStream(SAMPLES, cfg.data.train_batch_size, seed=cfg.seed),
         val_samples=SAMPLES, tracker=Tracker(cfg.logger, out, cfg.trainer.total_steps, to_dict(cfg)),
