@@ -66,8 +66,17 @@ def _root_binds(python: str) -> list[str]:
     return args
 
 
-def bwrap_argv(bwrap: str, python: str, host_main: Path, disk_bytes: int) -> list[str]:
-    """argv running ``host_main`` (a file the sandbox may read) as /sandbox/main.py."""
+# Inside the sandbox, the program runs under coreutils' timeout with this much more than
+# the run's own deadline: a backstop that only acts when the server that should kill
+# the run at its deadline is gone (a server SIGKILLed in the instant between bwrap's
+# clone and its child's --die-with-parent prctl leaves that child running, and a
+# sleeping program uses no CPU, so RLIMIT_CPU would never end it).
+BACKSTOP_GRACE_S = 5.0
+
+
+def bwrap_argv(bwrap: str, python: str, host_main: Path, disk_bytes: int, wall_limit_s: float) -> list[str]:
+    """argv running ``host_main`` (a file the sandbox may read) as /sandbox/main.py,
+    SIGKILLed inside the sandbox ``wall_limit_s + BACKSTOP_GRACE_S`` after it starts."""
     args = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session"]
     args += ["--hostname", "sandbox", "--clearenv"]
     for key, value in SANDBOX_ENV.items():
@@ -83,4 +92,8 @@ def bwrap_argv(bwrap: str, python: str, host_main: Path, disk_bytes: int) -> lis
     args += ["--remount-ro", "/"]  # bwrap's own root tmpfs; /sandbox stays writable
     # -u: unbuffered, so output printed before a timeout kill is still reported.
     # -E -s: ignore PYTHON* variables and the user site directory.
-    return args + ["--", python, "-u", "-E", "-s", MAIN]
+    backstop = []
+    timeout = "/usr/bin/timeout"  # coreutils, inside the /usr bind
+    if os.path.exists(timeout):
+        backstop = [timeout, "--signal=KILL", f"{wall_limit_s + BACKSTOP_GRACE_S:.1f}"]
+    return args + ["--", *backstop, python, "-u", "-E", "-s", MAIN]

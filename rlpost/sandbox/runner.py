@@ -74,7 +74,7 @@ class Sandbox:
             disk = self.limits.disk_mb << 20
             # The tmpfs pages the run writes are charged to its cgroup as well.
             cgroup = self.cgroups.create(self.limits.max_processes, (request.memory_mb << 20) + disk + SHM_BYTES)
-            argv = bwrap_argv(self.bwrap, self.python, host_dir / "main.py", disk)
+            argv = bwrap_argv(self.bwrap, self.python, host_dir / "main.py", disk, request.timeout_s)
             with open(host_dir / "stdin", "rb") as stdin:
                 return self._supervise(request, self._spawn(request, slot, cgroup, argv, stdin), cgroup)
         finally:

@@ -16,6 +16,7 @@ import pytest
 
 from rlpost.errors import SandboxError
 from rlpost.sandbox.client import SandboxClient
+from rlpost.sandbox.isolation import BACKSTOP_GRACE_S
 from rlpost.sandbox.runner import BASE_UID
 from rlpost.sandbox.server import start_local, stop_local
 
@@ -228,12 +229,16 @@ def test_bad_request_is_refused_not_retried(client):
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs have uids of their own only when the server is root")
 def test_runs_die_with_a_killed_server():
     # A second server (slots from BASE_UID, like the module's) killed hard mid-run must
-    # not leave the program running on the host; the autouse check then verifies it.
+    # not leave the program running on the host. bwrap's --die-with-parent ends it at
+    # once, except when the kill lands in the instant before bwrap's child has set it
+    # up; then the in-sandbox backstop ends it at its deadline plus BACKSTOP_GRACE_S.
+    run_timeout_s = 4.0
     proc, url = start_local(args=["--max-concurrency", "1"])
     try:
         sleeper = SandboxClient(url, retries=0)
         slow = threading.Thread(
-            target=lambda: pytest.raises(SandboxError, sleeper.run, "import time\ntime.sleep(60)", timeout_s=60.0),
+            target=lambda: pytest.raises(SandboxError, sleeper.run, "import time\ntime.sleep(60)",
+                                         timeout_s=run_timeout_s),
             daemon=True,
         )
         slow.start()
@@ -245,3 +250,25 @@ def test_runs_die_with_a_killed_server():
         proc.kill()
         stop_local(proc)
     slow.join(timeout=10)
+    deadline = time.monotonic() + run_timeout_s + BACKSTOP_GRACE_S + SLACK_S
+    while sandbox_processes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sandbox_processes() == []
+
+
+def test_backstop_ends_a_run_whose_server_never_kills_it(tmp_path):
+    # The bwrap command line alone, with nobody watching the deadline: the in-sandbox
+    # timeout still ends a sleeping program at its deadline plus BACKSTOP_GRACE_S.
+    import subprocess
+
+    from rlpost.sandbox.isolation import bwrap_argv, default_python, find_bwrap
+
+    main = tmp_path / "main.py"
+    main.write_text("import time\ntime.sleep(60)\n")
+    os.chmod(tmp_path, 0o755)
+    start = time.monotonic()
+    proc = subprocess.run(bwrap_argv(find_bwrap(), default_python(), main, 1 << 20, wall_limit_s=1.0),
+                          capture_output=True, timeout=60)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0, proc.stderr
+    assert 1.0 + BACKSTOP_GRACE_S - 0.5 < elapsed < 1.0 + BACKSTOP_GRACE_S + SLACK_S
