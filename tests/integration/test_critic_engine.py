@@ -3,29 +3,17 @@ one gloo rank in this process: fresh head at zero, values aligned with the token
 convention of rlpost.types, the clipped value loss trains it, save/load round-trips."""
 
 import dataclasses
-import socket
 
 import pytest
 import torch
 
 from rlpost.algorithms import make_value_loss_fn
 from rlpost.config.schema import AlgorithmConfig, ModelConfig, TrainerConfig
-from rlpost.distributed import destroy_default_group, init_default_group
 from rlpost.engines.fsdp import FSDPEngine
 from rlpost.models.loading import resolve_model_path
 from rlpost.types import TrainBatch
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    init_default_group("127.0.0.1", port, 0, 1, timeout_s=120, backend="gloo")
-    yield
-    destroy_default_group()
 
 
 def critic(lr: float = 1e-3) -> FSDPEngine:

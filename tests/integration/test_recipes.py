@@ -4,7 +4,6 @@ built-in tiny model. In-process groups (rlpost.local) keep this fast; the Ray pa
 is covered by test_train_e2e.py."""
 
 import math
-import socket
 
 import pytest
 
@@ -15,7 +14,6 @@ from rlpost.controller import Controller
 from rlpost.critic import critic_trainer_config
 from rlpost.data.dataset import load_prompts
 from rlpost.data.stream import PromptStream
-from rlpost.distributed import destroy_default_group, init_default_group
 from rlpost.engines.fsdp import FSDPEngine
 from rlpost.engines.hf_rollout import HFRolloutEngine
 from rlpost.local import LocalCriticGroup, LocalRewardPool, LocalRolloutGroup, LocalTrainerGroup, LocalWeightSync
@@ -24,16 +22,6 @@ from rlpost.tracking import Tracker
 from rlpost.train import cache_root
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    init_default_group("127.0.0.1", port, 0, 1, timeout_s=120, backend="gloo")
-    yield
-    destroy_default_group()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 
 import pytest
-from test_controller import RecordingRolloutGroup  # the same recorder the controller tests use
+from test_controller import CrashingStream, RecordingRolloutGroup  # shared with the controller tests
 
 from rlpost.checkpoint import CheckpointManager, read_state
 from rlpost.config.convert import to_dict
@@ -65,18 +65,6 @@ class SlowTrainer(LocalTrainerGroup):
             raise RuntimeError("simulated trainer failure")
         time.sleep(self.delay_s)
         return super().train_step(batch, loss_fn)
-
-
-class CrashingStream(PromptStream):
-    def __init__(self, *args, crash_on_batch: int, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.crash_on_batch, self.batches = crash_on_batch, 0
-
-    def next_batch(self):
-        self.batches += 1
-        if self.batches == self.crash_on_batch:
-            raise RuntimeError("simulated crash")
-        return super().next_batch()
 
 
 def build(cfg, *, stream=None, delay_s: float = 0.0, fail_at=None) -> Controller:
