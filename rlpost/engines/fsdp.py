@@ -227,7 +227,8 @@ class FSDPEngine:
 
     def _build_optimizer(self, cfg: TrainerConfig) -> None:
         self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
+            [p for p in self.model.parameters() if p.requires_grad],  # LoRA: the adapters only
+            lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
         )
         total = cfg.total_steps * cfg.mini_batches * cfg.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -399,8 +400,8 @@ class FSDPEngine:
         """
         if self.lora:
             for entry in self._export:
-                full = [_full(t.detach()) for t in (entry.base, *entry.adapter_params())]
-                yield entry.name, entry.merged(*full).to(self.dtype)
+                value = entry.merged(*[_full(t.detach()) for t in (entry.base, *entry.adapter_params())])
+                yield entry.name, value.to(self.dtype) if value.is_floating_point() else value
             return
         for name, tensor in self.model.state_dict().items():
             tensor = _full(tensor)
@@ -416,8 +417,8 @@ class FSDPEngine:
         else:
             model_sd, optim_sd = get_model_state_dict(self.model, options=options), None
         if self.lora:  # the frozen base is model_path's: adapters only
-            trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
-            model_sd = {k: v for k, v in model_sd.items() if k in trainable}
+            adapters = self._trainable_names()
+            model_sd = {k: v for k, v in model_sd.items() if k in adapters}
         if self.rank == 0:
             os.makedirs(path, exist_ok=True)
             torch.save(model_sd, os.path.join(path, MODEL_FILE))
@@ -449,8 +450,7 @@ class FSDPEngine:
         # only", skips the model broadcast there and desynchronises the group.
         loaded = set_model_state_dict(self.model, model_sd, options=options)
         if self.lora:
-            trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
-            wrong = sorted(trainable & set(loaded.missing_keys)) + sorted(loaded.unexpected_keys)
+            wrong = sorted(self._trainable_names() & set(loaded.missing_keys)) + sorted(loaded.unexpected_keys)
             if wrong:  # same answer on every rank: the key list was broadcast
                 raise ModelError(f"{path!r} does not hold this run's LoRA adapters (model.lora.*): "
                                  f"{len(wrong)} keys differ, e.g. {wrong[:3]}")
@@ -460,6 +460,9 @@ class FSDPEngine:
             dist.broadcast_object_list(box, src=0, device=self._object_device)
             self.scheduler.load_state_dict(box[0])
         dist.barrier()
+
+    def _trainable_names(self) -> set[str]:
+        return {n for n, p in self.model.named_parameters() if p.requires_grad}
 
     @property
     def _object_device(self) -> torch.device | None:

@@ -51,7 +51,8 @@ class ExportedTensor:
             return []
         return [self.layer.lora_A[ADAPTER].weight, self.layer.lora_B[ADAPTER].weight]
 
-    def merged(self, base_value: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None = None) -> torch.Tensor:
+    def merged(self, base_value: torch.Tensor, a: torch.Tensor | None = None,
+               b: torch.Tensor | None = None) -> torch.Tensor:
         """``base_value`` (the full base tensor) plus the adapter delta, in its dtype.
         ``a``/``b`` are the full ``lora_A``/``lora_B`` weights; by default the layer's own
         (call with them gathered)."""
