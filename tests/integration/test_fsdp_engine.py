@@ -11,7 +11,6 @@ then plain-torch references here:
 from __future__ import annotations
 
 import copy
-import datetime
 import math
 import os
 import socket
@@ -89,6 +88,26 @@ def _in_group(rank: int, world: int, port: int, fn, *args):
         destroy_default_group()
 
 
+def _spawned_rank(rank: int, world: int, port: int, fn, *args) -> None:
+    """``_in_group`` in a spawned process whose exit code is the work's: 0 once ``fn``
+    returned and the group is down, 1 on an exception. It leaves with ``os._exit`` so
+    that no library's C++ thread destroyed at interpreter shutdown can turn finished
+    work into SIGABRT ("terminate called without an active exception", seen once with
+    DeepSpeed at world 2 after every collective had completed)."""
+    import sys
+    import traceback
+
+    code = 0
+    try:
+        _in_group(rank, world, port, fn, *args)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _run_world(world: int, fn, *args, timeout_s: float = 120.0) -> None:
     """World 1 runs in this process (no spawn: imports cost ~8 s a process on 2
     cores); larger worlds in spawned processes that are always reaped."""
@@ -97,7 +116,8 @@ def _run_world(world: int, fn, *args, timeout_s: float = 120.0) -> None:
         _in_group(0, 1, port, fn, *args)
         return
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_in_group, args=(rank, world, port, fn, *args), daemon=True) for rank in range(world)]
+    procs = [ctx.Process(target=_spawned_rank, args=(rank, world, port, fn, *args), daemon=True)
+             for rank in range(world)]
     for p in procs:
         p.start()
     try:
