@@ -68,9 +68,9 @@ def _root_binds(python: str) -> list[str]:
 
 # Inside the sandbox, the program runs under coreutils' timeout with this much more than
 # the run's own deadline: a backstop that only acts when the server that should kill
-# the run at its deadline is gone (a server SIGKILLed in the instant between bwrap's
-# clone and its child's --die-with-parent prctl leaves that child running, and a
-# sleeping program uses no CPU, so RLIMIT_CPU would never end it).
+# the run at its deadline is gone. Once in CI a SIGKILLed server left a run behind
+# (likely, not proven: killed before bwrap's child armed --die-with-parent); a sleeping
+# program uses no CPU, so RLIMIT_CPU would never end it.
 BACKSTOP_GRACE_S = 5.0
 
 
