@@ -1,9 +1,9 @@
-"""Keeps a run going when the trainer group dies.
+"""Keeps a run going when the trainer group (or PPO's critic group) dies.
 
-A trainer rank that dies leaves the whole group unusable (its peers block in
-collectives), so the group is not repaired but rebuilt: tear it down, build a new
-trainer group and weight-sync link, load the latest checkpoint, push its weights to
-the rollout replicas, and continue from that step. Steps after the checkpoint are
+A trainer or critic rank that dies leaves its group unusable (its peers block in
+collectives), so the groups are not repaired but rebuilt: tear both down, build a
+new trainer group, weight-sync link and critic, load the latest checkpoint, push
+its weights to the rollout replicas, and continue from that step. Steps after the checkpoint are
 run again (their ``metrics.jsonl`` lines are dropped and rewritten), so the result
 is what a SIGKILL + ``resume=auto`` would give, without a new process. Without a
 checkpoint yet, the rebuild starts again from step 0 and the initial weights.
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from rlpost.checkpoint import CheckpointManager, read_state
 from rlpost.controller import Controller
@@ -26,18 +26,36 @@ from rlpost.faults import FaultCounts
 from rlpost.tracking import Tracker
 
 
+class TrainerParts(NamedTuple):
+    """What one build makes and one death discards: the trainer group, its link to
+    the rollout replicas, and the critic group (PPO only)."""
+
+    trainer: Any
+    weight_sync: Any
+    critic: Any = None
+
+    def kill(self) -> None:
+        for group in (self.trainer, self.critic):
+            if group is not None:
+                group.kill()
+
+    def shutdown(self) -> None:
+        for group in (self.critic, self.trainer):
+            if group is not None:
+                group.shutdown()
+
+
 class TrainerSupervisor:
-    def __init__(self, *, build_trainer: Callable[[], tuple[Any, Any]],
-                 make_controller: Callable[[Any, Any], Controller], checkpoints: CheckpointManager,
+    def __init__(self, *, build_trainer: Callable[[], TrainerParts],
+                 make_controller: Callable[[TrainerParts], Controller], checkpoints: CheckpointManager,
                  tracker: Tracker, max_restarts: int, faults: FaultCounts, no_rebuild_reason: str | None = None):
-        """``build_trainer()`` returns ``(trainer_group, weight_sync)``, built fresh;
-        ``make_controller(trainer_group, weight_sync)`` returns a controller with a
-        fresh prompt stream (a restore sets its position). ``no_rebuild_reason``: why
+        """``build_trainer()`` returns ``TrainerParts``, built fresh;
+        ``make_controller(parts)`` returns a controller with a fresh prompt stream (a restore sets its position). ``no_rebuild_reason``: why
         this run cannot rebuild at all (a lost trainer then stops it, saying so)."""
         self.build_trainer, self.make_controller = build_trainer, make_controller
         self.checkpoints, self.tracker, self.faults = checkpoints, tracker, faults
         self.max_restarts, self.no_rebuild_reason = max_restarts, no_rebuild_reason
-        self.trainer = None
+        self.parts: TrainerParts | None = None
         self.restarts = 0
 
     def run(self, resume_from: Path | None, stop_requested: Callable[[], bool],
@@ -66,8 +84,8 @@ class TrainerSupervisor:
                     f"(rebuild {self.restarts} of at most trainer.max_restarts={self.max_restarts})")
 
     def _attempt(self, resume_from: Path | None, stop_requested, finish) -> dict:
-        self.trainer, weight_sync = self.build_trainer()
-        controller = self.make_controller(self.trainer, weight_sync)
+        self.parts = self.build_trainer()
+        controller = self.make_controller(self.parts)
         start = 0
         if resume_from is not None:
             state = read_state(resume_from)
@@ -81,15 +99,15 @@ class TrainerSupervisor:
             controller.sync_weights(0)
             self.tracker.truncate_after(-1)
         last = controller.run(start, stop_requested=stop_requested)
-        finish(self.trainer)
+        finish(self.parts.trainer)
         return last
 
     def _discard(self) -> None:
-        if self.trainer is not None:
-            self.trainer.kill()
-            self.trainer = None
+        if self.parts is not None:
+            self.parts.kill()
+            self.parts = None
 
     def shutdown(self) -> None:
-        if self.trainer is not None:
-            self.trainer.shutdown()
-            self.trainer = None
+        if self.parts is not None:
+            self.parts.shutdown()
+            self.parts = None

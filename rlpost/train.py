@@ -39,7 +39,7 @@ def run(cfg: RunConfig) -> dict:
     from rlpost.faults import FaultCounts
     from rlpost.engines import resolve_rollout_engine
     from rlpost.models.loading import load_tokenizer, resolve_model_path
-    from rlpost.supervisor import TrainerSupervisor
+    from rlpost.supervisor import TrainerParts, TrainerSupervisor
     from rlpost.tracking import Tracker
     from rlpost.workers.cluster import start_cluster, stop_cluster
     from rlpost.workers.reward_pool import RewardPool
@@ -94,20 +94,15 @@ def run(cfg: RunConfig) -> dict:
             from rlpost.multiturn import env_factory
             from rlpost.workers.env_pool import EnvPool
 
-            envs = EnvPool(cfg.env, *env_factory(cfg))
+            envs = EnvPool(cfg.env, *env_factory(cfg), faults)
             groups.append(envs)
         print(f"rlpost: rollout replica pids {rollout.pids()}", flush=True)
-        critic = None
-        if cfg.algorithm.adv_estimator == "gae":  # PPO: the value model in its own actors
-            from rlpost.workers.critic_group import CriticGroup
 
-            critic = CriticGroup(cfg, model_path)
-            groups.append(critic)
-
-        # The trainer group and its weight-sync link are built (and, after a trainer
-        # rank dies, rebuilt) by the supervisor; see rlpost.supervisor.
-        def build_trainer():
+        # The trainer group, its weight-sync link and PPO's critic are built (and, after
+        # a trainer or critic rank dies, rebuilt) by the supervisor; see rlpost.supervisor.
+        def build_trainer() -> TrainerParts:
             trainer = TrainerGroup(cfg, model_path, with_reference=use_reference, placement=placement)
+            critic = None
             try:
                 if placement is not None:  # CUDA IPC through vLLM's weight-transfer engine
                     from rlpost.workers.colocation import ColocatedWeightSync
@@ -117,20 +112,24 @@ def run(cfg: RunConfig) -> dict:
                     rollout.before_generate = weight_sync.phases.to_rollout
                 else:
                     weight_sync = WeightSyncLink(trainer, rollout, cfg.weight_sync.timeout_s)
-            except BaseException:
-                trainer.kill()
-                raise
-            print(f"rlpost: trainer rank pids {trainer.pids()}", flush=True)
-            return trainer, weight_sync
+                print(f"rlpost: trainer rank pids {trainer.pids()}", flush=True)
+                if cfg.algorithm.adv_estimator == "gae":  # PPO: the value model in its own actors
+                    from rlpost.workers.critic_group import CriticGroup
 
-        def make_controller(trainer, weight_sync):
+                    critic = CriticGroup(cfg, model_path)
+                    print(f"rlpost: critic rank pids {critic.pids()}", flush=True)
+            except BaseException:
+                TrainerParts(trainer, None, critic).kill()
+                raise
+            return TrainerParts(trainer, weight_sync, critic)
+
+        def make_controller(parts: TrainerParts) -> Controller:
             stream = PromptStream(train, cfg.data.train_batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
-            return Controller(cfg, trainer=trainer, rollout=rollout, rewards=rewards,
-                              weight_sync=weight_sync, stream=stream,
+            return Controller(cfg, trainer=parts.trainer, rollout=rollout, rewards=rewards,
+                              weight_sync=parts.weight_sync, stream=stream,
                               val_samples=val, tracker=tracker, checkpoints=checkpoints,
                               pad_id=tokenizer.pad_token_id, use_reference=use_reference, envs=envs,
-                              critic=critic,
-                              faults=faults)
+                              critic=parts.critic, faults=faults)
 
         supervisor = TrainerSupervisor(build_trainer=build_trainer, make_controller=make_controller,
                                        checkpoints=checkpoints, tracker=tracker,

@@ -85,6 +85,24 @@ def wait(refs, timeout_s: float | None, what: str, lost: type[WorkerError] = Wor
         raise lost(f"{what}: an actor died ({err.__class__.__name__}): {err}") from err
 
 
+# How long to wait for a group's other calls to settle after one failed, to tell a
+# dead rank (its peers' collectives reset at once) from an ordinary exception.
+_SETTLE_S = 60.0
+
+
+def wait_ranks(refs, what: str, timeout_s: float | None = None, lost: type[WorkerError] = WorkerError):
+    """``wait`` for the calls of one torch.distributed group (trainer or critic ranks):
+    raises ``lost`` when a rank died, including when the first error to arrive is a
+    surviving rank's collective failing because of that death."""
+    try:
+        return wait(refs, timeout_s, what, lost=lost)
+    except ray.exceptions.RayTaskError as err:
+        many = refs if isinstance(refs, list) else [refs]
+        if dead_owners(many, _SETTLE_S):
+            raise lost(f"{what}: a rank died ({err.__class__.__name__})") from err
+        raise
+
+
 def dead_owners(refs: list, timeout_s: float) -> list[int]:
     """Indices of ``refs`` whose actor died. Waits up to ``timeout_s`` for them to
     settle: after one call of a collective fails, its peers fail quickly too (their

@@ -8,8 +8,11 @@ trainer group stays as it is. The cost is one more process per rank (one more
 copy of the base model's memory, which colocation would have cost too).
 
 Contract of every ``CriticGroup`` method: collective (called on all ranks), blocks
-until all ranks answer, raises ``WorkerError`` if a rank dies. ``forward_values``
-and ``train_step`` shard rows over ranks like ``TrainerGroup``.
+until all ranks answer, raises ``TrainerLost`` if a rank dies. ``forward_values``
+and ``train_step`` shard rows over ranks like ``TrainerGroup``. The supervisor
+builds and rebuilds it together with the trainer group (``rlpost.supervisor``): a
+lost critic rank costs the same as a lost policy rank, a rebuild from the latest
+checkpoint, which holds both.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import ray
 import torch
 
 from rlpost.config.schema import RunConfig
+from rlpost.errors import TrainerLost
 from rlpost.types import TrainBatch
-from rlpost.workers.cluster import free_port, merge_rank_metrics, node_ip, quiet_actor_logs, wait
+from rlpost.workers.cluster import free_port, merge_rank_metrics, node_ip, quiet_actor_logs, wait_ranks
 
 
 @ray.remote
@@ -33,6 +37,9 @@ class CriticActor:
         self.engine = None
         torch.set_num_threads(1)
         quiet_actor_logs()
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def rendezvous(self) -> tuple[str, int]:
         """Address and free port for the critic's torch.distributed group (rank 0 only)."""
@@ -58,10 +65,16 @@ class CriticActor:
         return self.engine.train_step(shard, loss_fn, micro_batch_size)
 
     def save(self, path: str) -> None:
+        from rlpost.utils import rng
+
         self.engine.save(path)
+        rng.save(os.path.join(path, f"rng_rank{self.rank}.pt"))  # after the engine made the folder
 
     def load(self, path: str) -> None:
+        from rlpost.utils import rng
+
         self.engine.load(path)
+        rng.load(os.path.join(path, f"rng_rank{self.rank}.pt"))
 
     def shutdown(self) -> None:
         from rlpost.distributed import destroy_default_group
@@ -77,16 +90,22 @@ class CriticGroup:
         self.actors = [CriticActor.options(num_cpus=1, num_gpus=gpus).remote(rank, self.world_size)
                        for rank in range(self.world_size)]
         try:
-            master = wait(self.actors[0].rendezvous.remote(), 120, "critic rendezvous")
-            wait([a.setup.remote(cfg, model_path, master) for a in self.actors], None, "critic setup")
+            master = self._wait(self.actors[0].rendezvous.remote(), "critic rendezvous", 120)
+            self._wait([a.setup.remote(cfg, model_path, master) for a in self.actors], "critic setup")
         except BaseException:
-            self.shutdown()
+            self.kill()
             raise
+
+    def _wait(self, refs, what: str, timeout_s: float | None = None):
+        return wait_ranks(refs, what, timeout_s, lost=TrainerLost)
+
+    def pids(self) -> list[int]:
+        return self._wait([a.pid.remote() for a in self.actors], "critic pid", 60)
 
     def _sharded(self, method: str, batch: TrainBatch, *args) -> list:
         shards = batch.shard(self.world_size)
-        return wait([getattr(a, method).remote(s, *args) for a, s in zip(self.actors, shards)],
-                    None, f"critic.{method}")
+        return self._wait([getattr(a, method).remote(s, *args) for a, s in zip(self.actors, shards)],
+                          f"critic.{method}")
 
     def forward_values(self, batch: TrainBatch) -> torch.Tensor:
         """[B, T] values (``rlpost.types`` alignment); rows sharded, gathered in order."""
@@ -98,15 +117,19 @@ class CriticGroup:
         return merge_rank_metrics(self._sharded("train_step", batch, loss_fn, self.cfg.trainer.micro_batch_size))
 
     def save(self, path: str) -> None:
-        wait([a.save.remote(path) for a in self.actors], None, "critic save")
+        self._wait([a.save.remote(path) for a in self.actors], "critic save")
 
     def load(self, path: str) -> None:
-        wait([a.load.remote(path) for a in self.actors], None, "critic load")
+        self._wait([a.load.remote(path) for a in self.actors], "critic load")
 
     def shutdown(self) -> None:
         try:
             ray.get([a.shutdown.remote() for a in self.actors], timeout=30)
         except Exception:  # already dead: nothing left to release
             pass
+        self.kill()
+
+    def kill(self) -> None:
+        """Tear down without asking (peers of a dead rank block in collectives)."""
         for actor in self.actors:
             ray.kill(actor)

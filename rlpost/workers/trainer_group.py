@@ -18,17 +18,7 @@ import torch
 from rlpost.config.schema import RunConfig
 from rlpost.errors import TrainerLost
 from rlpost.types import TrainBatch
-from rlpost.workers.cluster import dead_owners, free_port, merge_rank_metrics, quiet_actor_logs, wait
-
-# How long to wait for the other ranks' calls to settle after one failed, to tell a
-# dead rank (its peers' collectives reset at once) from an ordinary exception.
-_SETTLE_S = 60.0
-
-
-def _local_address() -> str:
-    # One machine: loopback, so nothing ever leaves the host. Several nodes: the
-    # node's routable address.
-    return "127.0.0.1" if len(ray.nodes()) <= 1 else ray.util.get_node_ip_address()
+from rlpost.workers.cluster import free_port, merge_rank_metrics, node_ip, quiet_actor_logs, wait_ranks
 
 
 @ray.remote
@@ -47,7 +37,7 @@ class TrainerActor:
 
     def rendezvous(self) -> tuple[str, int]:
         """Address and free port for the torch.distributed group (rank 0 only)."""
-        host = _local_address()
+        host = node_ip()
         return host, free_port(host)
 
     def setup(self, cfg: RunConfig, model_path: str, master: tuple[str, int], with_reference: bool) -> None:
@@ -78,7 +68,7 @@ class TrainerActor:
     def weight_sync_init(self, world_size: int, timeout_s: float, bucket_mb: int) -> tuple[str, int] | None:
         if self.rank != 0:
             return None
-        host = _local_address()
+        host = node_ip()
         port = free_port(host)
         self._sender_args = (host, port, world_size, timeout_s, bucket_mb)
         return host, port
@@ -113,10 +103,16 @@ class TrainerActor:
         self._ipc.send_weights()
 
     def save(self, path: str) -> None:
+        from rlpost.utils import rng
+
         self.policy.save(path)
+        rng.save(os.path.join(path, f"rng_rank{self.rank}.pt"))  # after the engine made the folder
 
     def load(self, path: str) -> None:
+        from rlpost.utils import rng
+
         self.policy.load(path)
+        rng.load(os.path.join(path, f"rng_rank{self.rank}.pt"))
 
     def export_hf(self, path: str, tokenizer_path: str) -> None:
         self.policy.export_hf(path, tokenizer_path)
@@ -152,15 +148,7 @@ class TrainerGroup:
             raise
 
     def _wait(self, refs, what: str, timeout_s: float | None = None):
-        """``wait`` that raises ``TrainerLost`` when a rank died, including when the
-        first error to arrive is a surviving rank's collective failing because of it."""
-        try:
-            return wait(refs, timeout_s, what, lost=TrainerLost)
-        except ray.exceptions.RayTaskError as err:
-            many = refs if isinstance(refs, list) else [refs]
-            if dead_owners(many, _SETTLE_S):
-                raise TrainerLost(f"{what}: a trainer rank died ({err.__class__.__name__})") from err
-            raise
+        return wait_ranks(refs, what, timeout_s, lost=TrainerLost)
 
     def pids(self) -> list[int]:
         return self._wait([a.pid.remote() for a in self.actors], "trainer pid", 60)

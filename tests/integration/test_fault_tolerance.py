@@ -41,9 +41,9 @@ KEYS = ["reward/mean", "reward/std", "policy/loss", "policy/grad_norm", "policy/
 class Run:
     """``python -m rlpost.train`` in its own session, its output collected by a thread."""
 
-    def __init__(self, out: Path, *extra: str):
+    def __init__(self, out: Path, *extra: str, args: list[str] = ARGS):
         self.out = out
-        self.proc = subprocess.Popen([sys.executable, "-m", "rlpost.train", *ARGS, f"output_dir={out}", *extra],
+        self.proc = subprocess.Popen([sys.executable, "-m", "rlpost.train", *args, f"output_dir={out}", *extra],
                                      cwd=out.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      start_new_session=True)
         self.lines: list[str] = []
@@ -64,7 +64,8 @@ class Run:
             time.sleep(0.1)
 
     def pids(self, what: str) -> list[int]:
-        """The pids the run printed last for ``what`` ("rollout replica", "trainer rank")."""
+        """The pids the run printed last for ``what`` ("rollout replica", "trainer rank",
+        "critic rank")."""
         self.wait_until(lambda: f"rlpost: {what} pids" in self.output, f"{what} pids")
         found = re.findall(rf"rlpost: {what} pids \[([\d, ]+)\]", self.output)
         return [int(p) for p in found[-1].split(",")]

@@ -20,7 +20,7 @@ from rlpost.engines.fake import FakeRolloutEngine, FakeTrainEngine
 from rlpost.errors import TrainerLost, WorkerError
 from rlpost.faults import FaultCounts
 from rlpost.local import LocalRewardPool, LocalRolloutGroup, LocalTrainerGroup, LocalWeightSync
-from rlpost.supervisor import TrainerSupervisor
+from rlpost.supervisor import TrainerParts, TrainerSupervisor
 from rlpost.tracking import Tracker
 from rlpost.types import PromptSample
 
@@ -81,11 +81,11 @@ def run_supervised(out: Path, deaths: list[int | None], max_restarts: int = 1):
         policy = FakeTrainEngine(vocab_size=VOCAB, lr=cfg.trainer.lr, seed=cfg.seed)
         trainer = DyingTrainer(policy, deaths[len(trainers)], micro_batch_size=16)
         trainers.append(trainer)
-        return trainer, LocalWeightSync(policy, engines)
+        return TrainerParts(trainer, LocalWeightSync(policy, engines))
 
-    def make_controller(trainer, weight_sync):
+    def make_controller(parts):
         stream = PromptStream(samples, cfg.data.train_batch_size, seed=cfg.seed)
-        return Controller(cfg, trainer=trainer, rollout=rollout, rewards=rewards, weight_sync=weight_sync,
+        return Controller(cfg, trainer=parts.trainer, rollout=rollout, rewards=rewards, weight_sync=parts.weight_sync,
                           stream=stream, val_samples=samples, tracker=tracker, checkpoints=checkpoints,
                           pad_id=PAD, use_reference=False, faults=faults)
 
