@@ -2,8 +2,12 @@
 
     output_dir/checkpoints/
         step_000010/
-            policy/            written by the training engine (world-size independent)
-            controller.json    step, policy version, data position, RNG seeds
+            policy/            written by the training engine (world-size independent),
+                               plus rng_rank<r>.pt: each trainer rank's generators
+            critic/            PPO's value model, laid out like policy/
+            rollout_buffer.pkl trainer.mode=one_step_off|async: batches sampled ahead
+            controller.json    step, policy version, data position, KL controller
+            rng.pt             the controller process's generators (rlpost.utils.rng)
         latest                 name of the newest complete checkpoint, written last
 
 A checkpoint is built under a temporary name and renamed into place when complete;
@@ -20,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlpost.errors import ConfigError
+
+RNG_FILE = "rng.pt"
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from rlpost.algorithms import (
 )
 from rlpost.batching import build_train_batch, mini_batches, outcome_advantages_per_token, with_loss_rows
 from rlpost.collect import Collected, Collector
-from rlpost.checkpoint import CheckpointManager, ControllerState
+from rlpost.checkpoint import RNG_FILE, CheckpointManager, ControllerState
 from rlpost.config.schema import RunConfig
 from rlpost.critic import CriticStages
 from rlpost.data.stream import PromptStream
@@ -34,6 +34,7 @@ from rlpost.errors import ConfigError, Preempted, TrainingError
 from rlpost.evaluation import evaluate
 from rlpost.tracking import Tracker, trajectory_rows
 from rlpost.types import PromptSample, TrainBatch
+from rlpost.utils import rng
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +268,7 @@ class Controller:
         self.trainer.save(str(tmp / "policy"))
         if self.critic:
             self.critic.save(str(tmp / "critic"))
+        rng.save(tmp / RNG_FILE)
         state = ControllerState(step=step, policy_version=self.policy_version, data=self.stream.state_dict(),
                                 kl_controller=self.kl_controller.state_dict(),
                                 overlap=self.overlap.save(tmp) if self.overlap else {})
@@ -280,6 +282,7 @@ class Controller:
             self.critic.load(str(path / "critic"))
         self.stream.load_state_dict(state.data)
         self.kl_controller.load_state_dict(state.kl_controller)
+        rng.load(path / RNG_FILE)
         if self.overlap:  # the batches sampled ahead of the trainer, trained first
             self.overlap.restore(path, state)
         elif state.overlap.get("buffered"):

@@ -9,6 +9,7 @@ and never appears in text.
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import replace
 from pathlib import Path
 
@@ -49,6 +50,13 @@ def poisoned_reward(prompt, completion, ground_truth, metadata):
     if metadata["poison"]:
         raise ValueError("cannot score this prompt")
     return 1.0
+
+
+def noisy_letter_reward(prompt, completion, ground_truth, metadata):
+    """``letter_reward`` plus noise from Python's global generator, which a resume
+    must continue, not restart (the controller checkpoints its generators)."""
+    scores = letter_reward(prompt, completion, ground_truth, metadata)
+    return {**scores, "share": scores["share"] + random.random() / 100}
 
 
 def make_samples(poisoned: tuple[int, ...] = ()) -> list[PromptSample]:
@@ -106,14 +114,15 @@ class CrashingStream(PromptStream):
 
 
 def build(cfg: RunConfig, samples: list[PromptSample], *, stream: PromptStream | None = None,
-          synced_replicas: int | None = None, with_reference: bool = False) -> Controller:
+          synced_replicas: int | None = None, with_reference: bool = False,
+          length_fraction: float = 0.25) -> Controller:
     """A controller over fakes, wired like rlpost.train wires the Ray groups."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     policy = FakeTrainEngine(vocab_size=VOCAB, lr=cfg.trainer.lr, seed=cfg.seed, grad_clip=cfg.trainer.grad_clip)
     reference = FakeTrainEngine(vocab_size=VOCAB, seed=cfg.seed) if with_reference else None
-    engines = [FakeRolloutEngine(vocab_size=VOCAB, eos_id=EOS, seed=cfg.seed + 1000 * i, decode=letters)
-               for i in range(cfg.rollout.replicas)]
+    engines = [FakeRolloutEngine(vocab_size=VOCAB, eos_id=EOS, seed=cfg.seed + 1000 * i, decode=letters,
+                                 length_fraction=length_fraction) for i in range(cfg.rollout.replicas)]
     return Controller(
         cfg,
         trainer=LocalTrainerGroup(policy, reference, micro_batch_size=cfg.trainer.micro_batch_size),
@@ -195,22 +204,37 @@ def test_step_fails_loudly_when_every_reward_fails(tmp_path):
         build(cfg, make_samples(poisoned=(0, 1, 2, 3))).step(1)
 
 
+def test_every_completion_hitting_the_length_cap_warns_once(tmp_path, capsys):
+    cfg = make_cfg(tmp_path / "capped", "eval.every=0", "trainer.save_every=0", "trainer.total_steps=3")
+    build(cfg, make_samples(), length_fraction=1.0).run()
+    warned = capsys.readouterr().out.count("every completion hit rollout.max_new_tokens=8")
+    assert warned == 1  # not silent, and not once per step
+    assert all(r["response/clip_ratio"] == 1.0 for r in read_jsonl(tmp_path / "capped" / "metrics.jsonl"))
+
+    build(make_cfg(tmp_path / "some", "eval.every=0", "trainer.save_every=0"), make_samples()).run()
+    assert "every completion hit" not in capsys.readouterr().out  # a quarter capped: no warning
+
+
 def test_resume_from_checkpoint_repeats_the_uninterrupted_run(tmp_path):
     samples = make_samples()
-    straight_cfg = make_cfg(tmp_path / "straight")
+    straight_cfg = make_cfg(tmp_path / "straight", reward_fn="noisy_letter_reward")
+    random.seed(0)  # each run starts as a fresh process would
     build(straight_cfg, samples).run()
     expected = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
     assert [r["step"] for r in expected] == [0, 1, 2, 3, 4]  # step 0: the initial eval
 
     # Same config; the run dies at the start of step 4, after the step-2 checkpoint
     # and after step 3 was logged.
-    cfg = make_cfg(tmp_path / "crashed")
+    cfg = make_cfg(tmp_path / "crashed", reward_fn="noisy_letter_reward")
     stream = CrashingStream(samples, cfg.data.train_batch_size, seed=cfg.seed, crash_on_batch=4)
+    random.seed(0)
     with pytest.raises(RuntimeError, match="simulated crash"):
         build(cfg, samples, stream=stream).run()
     assert [r["step"] for r in read_jsonl(tmp_path / "crashed" / "metrics.jsonl")] == [0, 1, 2, 3]
 
-    # A fresh controller (fresh engines) resumes as rlpost.train does.
+    # A fresh controller (fresh engines, and a process whose generators are elsewhere)
+    # resumes as rlpost.train does.
+    random.seed(12345)
     resumed = build(cfg, samples)
     path = resumed.checkpoints.latest()
     state = read_state(path)
