@@ -14,6 +14,7 @@ class FaultCounts:
         "rollout/actor_restarts",  # rollout replicas replaced after dying
         "rollout/requests_retried",  # generate chunks re-run on a replacement replica
         "reward/actor_restarts",  # reward workers replaced after dying
+        "env/actor_failures",  # env actor calls lost to a dead or hung actor (Ray restarts it)
         "trainer/restarts",  # trainer group rebuilt from the latest checkpoint
     )
 

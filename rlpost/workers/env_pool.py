@@ -25,6 +25,7 @@ import ray
 from rlpost.config.schema import EnvConfig
 from rlpost.envs.base import EnvFailure, StepResult, Task
 from rlpost.envs.runner import EnvRunner, Opening, load_env_factory, resolve_env_spec
+from rlpost.faults import FaultCounts
 
 _GRACE_S = 30.0  # on top of env.timeout_s before an unresponsive actor is restarted
 _RESTART_WAIT_S = 60.0  # how long a reset waits for a restarting actor before its episodes fail
@@ -53,10 +54,11 @@ class EnvPool:
     """Driver-side handle: ``reset`` / ``step`` route each episode to the actor that
     holds it and gather the results in order; ``close`` frees finished episodes."""
 
-    def __init__(self, cfg: EnvConfig, spec: str, kwargs: dict):
+    def __init__(self, cfg: EnvConfig, spec: str, kwargs: dict, faults: FaultCounts | None = None):
         spec = resolve_env_spec(spec)
         load_env_factory(spec)  # a missing factory fails here, in the driver, with a clear error
         self.timeout_s = cfg.timeout_s
+        self.faults = faults or FaultCounts()
         self.actors = [EnvActor.options(num_cpus=0, max_restarts=-1, max_concurrency=1000).remote(
             spec, kwargs, cfg.timeout_s) for _ in range(cfg.workers)]
         self.home: dict[str, int] = {}  # episode id -> actor index
@@ -109,6 +111,7 @@ class EnvPool:
         for a, ref in refs.items():
             idx = by_actor[a]
             if ref.hex() not in ready_ids:
+                self.faults.add("env/actor_failures")
                 ray.kill(self.actors[a], no_restart=False)
                 results = [EnvFailure(f"{method}: env actor {a} did not answer within "
                                       f"{self.timeout_s + _GRACE_S:g} s; restarted")] * len(idx)
@@ -116,6 +119,7 @@ class EnvPool:
                 try:
                     results = ray.get(ref)
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
+                    self.faults.add("env/actor_failures")
                     results = [EnvFailure(f"{_LOST} {a} ({method}): {type(err).__name__}")] * len(idx)
             for i, res in zip(idx, results):
                 out[i] = res

@@ -38,9 +38,11 @@ def ray_cluster():
 def test_a_dying_env_actor_fails_only_its_episodes_and_comes_back(ray_cluster):
     from rlpost.config.schema import EnvConfig
     from rlpost.envs import EnvFailure, StepResult, Task
+    from rlpost.faults import FaultCounts
     from rlpost.workers.env_pool import EnvPool
 
-    pool = EnvPool(EnvConfig(workers=2, timeout_s=5.0), "rlpost.envs.fake:FakeEnv", {"turns": 1})
+    faults = FaultCounts()
+    pool = EnvPool(EnvConfig(workers=2, timeout_s=5.0), "rlpost.envs.fake:FakeEnv", {"turns": 1}, faults)
     tasks = [Task(uid=f"t{i}", question="q", answer="7", metadata={"fake_fail": "die"} if i == 0 else {})
              for i in range(4)]
     assert all(not isinstance(o, EnvFailure) for o in pool.reset([(t.uid, t) for t in tasks]))
@@ -48,6 +50,7 @@ def test_a_dying_env_actor_fails_only_its_episodes_and_comes_back(ray_cluster):
     results = pool.step([(t.uid, "7") for t in tasks])
     assert isinstance(results[0], EnvFailure) and "lost env actor 0" in results[0].error
     assert isinstance(results[2], EnvFailure)
+    assert faults.counts["env/actor_failures"] == 1  # one lost call, logged with the step's metrics
     assert results[1] == StepResult([], 1.0, True) and results[3] == StepResult([], 1.0, True)
     # Ray restarts the actor; new episodes on it run (a reset waits for the restart).
     # The first try may still meet the dying instance; a later one must succeed.
