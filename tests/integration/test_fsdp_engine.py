@@ -68,6 +68,12 @@ def nan_loss(out: ModelOutput, mb: TrainBatch) -> tuple[torch.Tensor, dict[str, 
     return loss * float("nan"), metrics
 
 
+def nan_grad_loss(out: ModelOutput, mb: TrainBatch) -> tuple[torch.Tensor, dict[str, float]]:
+    """A finite loss (sqrt(|0|) adds 0) whose gradient is NaN (d sqrt at 0 is inf, times 0)."""
+    loss, metrics = token_mean_loss(out, mb)
+    return loss + (out.logprobs * 0.0).abs().sqrt().sum(), metrics
+
+
 # ---------------------------------------------------------------- processes
 def _free_port() -> int:
     with socket.socket() as s:
@@ -175,6 +181,8 @@ def _worker_train(rank, world, model_dir, out_dir, name, checkpointing, load_fro
     res["weights2"] = _full_weights(engine)
     res["nan_step"] = engine.train_step(shard, nan_loss, MICRO)
     res["weights_after_nan"] = _full_weights(engine)
+    res["nan_grad_step"] = engine.train_step(shard, nan_grad_loss, MICRO)
+    res["weights_after_nan_grad"] = _full_weights(engine)
     res["step_after_nan"] = _sum_over_ranks(engine.train_step(shard, token_mean_loss, MICRO))
     res["weights3"] = _full_weights(engine)
     engine.export_hf(os.path.join(out_dir, f"export_{name}"))
@@ -338,12 +346,16 @@ def test_missing_checkpoint_raises_on_every_rank(runs):
     assert runs["w2"]["missing_ckpt_raised_on"] == 2
 
 
-def test_nan_loss_skips_the_update(runs):
+def test_nan_loss_or_gradient_skips_the_update(runs):
     for name in ("w1", "w2"):
         run = runs[name]
         assert run["nan_step"]["skipped"] == 1.0
         assert not math.isfinite(run["nan_step"]["grad_norm"])
         _assert_weights_close(run["weights_after_nan"], run["weights2"], atol=0)
+        # A finite loss with a NaN gradient is caught by the gradient norm instead.
+        assert run["nan_grad_step"]["skipped"] == 1.0 and math.isfinite(run["nan_grad_step"]["loss"])
+        assert not math.isfinite(run["nan_grad_step"]["grad_norm"])
+        _assert_weights_close(run["weights_after_nan_grad"], run["weights2"], atol=0)
         # The schedule did not advance either: the next step is optimizer step 2 (0-based),
         # cosine progress 0 -> factor 1.0; had it advanced, progress 1/2 -> factor 0.5.
         assert run["step_after_nan"]["skipped"] == 0.0
