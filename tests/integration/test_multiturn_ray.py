@@ -1,6 +1,7 @@
-"""Multi-turn episodes through Ray: the env pool's actors isolate crashes, and the
+"""Multi-turn episodes through Ray: the env pool's actors isolate crashes and hangs, the
+built-in environments reach the real sandbox service from an env actor, and the
 grpo_math_tool recipe runs 2 steps with `python -m rlpost.train` against the real
-sandbox service (the tool model calls the calculator and Python)."""
+sandbox service (the tool model calls tools; which ones is up to the model)."""
 
 import json
 import os
@@ -62,6 +63,50 @@ def test_a_dying_env_actor_fails_only_its_episodes_and_comes_back(ray_cluster):
             break
     assert stepped == [StepResult([], 1.0, True), StepResult([], 0.0, True)]
     pool.shutdown()
+
+
+def test_a_hanging_env_fails_only_its_episode_on_ray(ray_cluster):
+    from rlpost.config.schema import EnvConfig
+    from rlpost.envs import EnvFailure, StepResult, Task
+    from rlpost.workers.env_pool import EnvPool
+
+    pool = EnvPool(EnvConfig(workers=1, timeout_s=2.0), "rlpost.envs.fake:FakeEnv", {"turns": 1})
+    tasks = [Task(uid=f"t{i}", question="q", answer="7", metadata={"fake_fail": "hang"} if i == 0 else {})
+             for i in range(3)]
+    pool.reset([(t.uid, t) for t in tasks])
+    # All three share the one actor: the hung call times out inside it, the others answer.
+    results = pool.step([(t.uid, "7") for t in tasks])
+    assert isinstance(results[0], EnvFailure) and results[0].error == "step timed out after 2 s"
+    assert results[1:] == [StepResult([], 1.0, True)] * 2
+    pool.shutdown()
+
+
+def test_env_actors_run_python_and_unit_tests_in_the_real_sandbox(ray_cluster, sandbox_url):
+    """The built-in environments' sandbox paths, from a Ray env actor to the service."""
+    from rlpost.config.schema import EnvConfig
+    from rlpost.envs import Task
+    from rlpost.workers.env_pool import EnvPool
+
+    math_pool = EnvPool(EnvConfig(workers=1, timeout_s=30.0), f"{REPO / 'environments' / 'math_tool.py'}:MathToolEnv",
+                        {"sandbox_url": sandbox_url})
+    task = Task(uid="m", question="What is 6 * 7?", answer="42")
+    math_pool.reset([("m", task)])
+    call = '<tool_call>{"name": "python", "arguments": {"code": "print(6 * 7)"}}</tool_call>'
+    (result,) = math_pool.step([("m", call)])
+    assert not result.done and result.info["tool_calls"] == 1
+    assert result.observation[0]["role"] == "tool" and "42" in result.observation[0]["content"]
+    math_pool.shutdown()
+
+    code_pool = EnvPool(EnvConfig(workers=1, timeout_s=30.0), f"{REPO / 'environments' / 'code.py'}:CodeEnv",
+                        {"sandbox_url": sandbox_url})
+    tests = "assert add(2, 3) == 5\nassert add(-1, 1) == 0"
+    tasks = [Task(uid=f"c{i}", question="Write add(a, b).", answer="tests", metadata={"tests": tests}) for i in range(2)]
+    code_pool.reset([(t.uid, t) for t in tasks])
+    right, wrong = code_pool.step([("c0", "```python\ndef add(a, b):\n    return a + b\n```"),
+                                   ("c1", "```python\ndef add(a, b):\n    return a - b\n```")])
+    assert right.done and right.reward == {"accuracy": 1.0}
+    assert not wrong.done and wrong.reward == {"accuracy": 0.0} and "AssertionError" in wrong.observation[0]["content"]
+    code_pool.shutdown()
 
 
 def test_grpo_math_tool_two_steps_through_ray_with_the_sandbox(tmp_path, sandbox_url):
