@@ -90,6 +90,9 @@ def test_remax_subtracts_the_greedy_reward():
     assert torch.allclose(adv, torch.tensor([[0.5, 0.0], [0.0, 0.0]]))
     # a group of one still has a baseline
     assert remax_advantages(torch.tensor([[2.0]]), ALL(1, 1), baseline=torch.tensor([1.5])).item() == 0.5
+    # all rewards equal to the greedy one: zero advantage, no NaN
+    assert torch.equal(remax_advantages(torch.full((2, 3), 0.7), ALL(2, 3), baseline=torch.full((2,), 0.7)),
+                       torch.zeros(2, 3))
     with pytest.raises(ValueError, match="shape"):
         remax_advantages(rewards, ALL(2, 2), baseline=torch.tensor([0.5]))
 
@@ -352,12 +355,29 @@ def _whole_vs_split(loss_fn, batch, base, extra):
     return whole.grad, split.grad, metrics, summed
 
 
+def test_entropy_bonus_by_hand():
+    """On-policy with zero advantages the policy term is 0, so the loss is the bonus
+    alone: -coef * (token-mean entropy over the step's trained tokens)."""
+    batch = _batch()
+    batch.advantages = torch.zeros_like(batch.advantages)
+    entropy = torch.tensor([[0.5] * 6, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]] + [[2.0] * 6] * 3)
+    spec = PolicyLossSpec(entropy_coef=0.1)
+    loss, metrics = policy_loss_fn(spec, ModelOutput(batch.old_logprobs.clone(), entropy), batch)
+    mask = batch.loss_mask
+    expected = (entropy * mask).sum() / mask.sum()  # row 0 (fully masked, 0.5s) left out
+    assert loss.item() == pytest.approx(-0.1 * expected.item())
+    assert metrics["policy/entropy"] == pytest.approx(expected.item())
+    no_bonus, _ = policy_loss_fn(PolicyLossSpec(), ModelOutput(batch.old_logprobs.clone(), entropy), batch)
+    assert no_bonus.item() == 0.0
+
+
+@pytest.mark.parametrize("kl", ["k1", "k2", "k3", "low_var_kl"])
 @pytest.mark.parametrize("agg", sorted(LOSS_AGGREGATIONS))
 @pytest.mark.parametrize("policy_loss", sorted(POLICY_LOSSES))
-def test_every_policy_loss_and_aggregation_gives_the_same_gradient_split(policy_loss, agg):
+def test_every_policy_loss_and_aggregation_gives_the_same_gradient_split(policy_loss, agg, kl):
     spec = PolicyLossSpec(policy_loss=policy_loss, loss_agg=agg, clip_eps_low=0.1, clip_eps_high=0.15,
                           dual_clip_c=2.0 if policy_loss == "ppo_clip" else None,
-                          kl_loss_coef=0.1, kl_estimator="low_var_kl", entropy_coef=0.01, norm_len=8.0)
+                          kl_loss_coef=0.1, kl_estimator=kl, entropy_coef=0.01, norm_len=8.0)
     spec.check()
     batch = _batch()
     g = torch.Generator().manual_seed(1)

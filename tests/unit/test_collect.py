@@ -1,6 +1,7 @@
 """DAPO's data-side stages in the collector: dynamic sampling (drop groups whose
 rewards are all equal, draw more prompts, fill up when the round limit is hit),
-the soft overlong penalty and overlong filtering. Fakes only: no model, no Ray."""
+and the soft overlong penalty (overlong filtering acts on the train batch:
+test_controller.py). Fakes only: no model, no Ray."""
 
 from __future__ import annotations
 

@@ -215,6 +215,25 @@ def test_every_completion_hitting_the_length_cap_warns_once(tmp_path, capsys):
     assert "every completion hit" not in capsys.readouterr().out  # a quarter capped: no warning
 
 
+def test_overlong_filter_trains_only_completions_that_stopped(tmp_path):
+    cfg = make_cfg(tmp_path, "eval.every=0", "trainer.save_every=0", "trainer.mini_batches=1",
+                   "algorithm.overlong_filter=true")
+    controller = build(cfg, make_samples())
+    trained = []
+    train_step = controller.trainer.train_step
+    controller.trainer.train_step = lambda batch, loss_fn: trained.append(batch) or train_step(batch, loss_fn)
+    controller.step(1)
+    completions = [c for group in controller.rollout.calls[-1] for c in group]
+    reasons = {c.finish_reason for c in completions}
+    assert reasons == {"stop", "length"}  # both kinds present, so the filter has work to do
+    stopped_tokens = sum(len(c.token_ids) for c in completions if c.finish_reason == "stop")
+    assert trained[0].global_num_tokens == stopped_tokens
+
+    # Every completion truncated: nothing left to train on, and the step says so.
+    with pytest.raises(TrainingError, match="no trainable tokens"):
+        build(make_cfg(tmp_path / "all", "algorithm.overlong_filter=true"), make_samples(), length_fraction=1.0).step(1)
+
+
 def test_resume_from_checkpoint_repeats_the_uninterrupted_run(tmp_path):
     samples = make_samples()
     straight_cfg = make_cfg(tmp_path / "straight", reward_fn="noisy_letter_reward")
