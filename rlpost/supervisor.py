@@ -3,10 +3,11 @@
 A trainer or critic rank that dies leaves its group unusable (its peers block in
 collectives), so the groups are not repaired but rebuilt: tear both down, build a
 new trainer group, weight-sync link and critic, load the latest checkpoint, push
-its weights to the rollout replicas, and continue from that step. Steps after the checkpoint are
-run again (their ``metrics.jsonl`` lines are dropped and rewritten), so the result
-is what a SIGKILL + ``resume=auto`` would give, without a new process. Without a
-checkpoint yet, the rebuild starts again from step 0 and the initial weights.
+its weights to the rollout replicas, and continue from that step. Steps after the
+checkpoint are run again (their ``metrics.jsonl`` lines are dropped and rewritten),
+so the result is what a SIGKILL + ``resume=auto`` would give, without a new
+process. Without a checkpoint yet, the rebuild starts again from step 0 and the
+initial weights.
 At most ``trainer.max_restarts`` rebuilds per process, then ``WorkerError``.
 
 No Ray here: the builders are passed in (``rlpost.train`` gives Ray-backed ones),
@@ -50,8 +51,9 @@ class TrainerSupervisor:
                  make_controller: Callable[[TrainerParts], Controller], checkpoints: CheckpointManager,
                  tracker: Tracker, max_restarts: int, faults: FaultCounts, no_rebuild_reason: str | None = None):
         """``build_trainer()`` returns ``TrainerParts``, built fresh;
-        ``make_controller(parts)`` returns a controller with a fresh prompt stream (a restore sets its position). ``no_rebuild_reason``: why
-        this run cannot rebuild at all (a lost trainer then stops it, saying so)."""
+        ``make_controller(parts)`` returns a controller with a fresh prompt stream (a
+        restore sets its position). ``no_rebuild_reason``: why this run cannot rebuild
+        at all (a lost trainer then stops it, saying so)."""
         self.build_trainer, self.make_controller = build_trainer, make_controller
         self.checkpoints, self.tracker, self.faults = checkpoints, tracker, faults
         self.max_restarts, self.no_rebuild_reason = max_restarts, no_rebuild_reason

@@ -4,9 +4,9 @@ checkpoint file.
 rlpost derives the randomness that shapes a run from seeds (sampling seeds from
 (seed, step, replica), mini-batch orders from (seed, step), data order from (seed,
 epoch)), so resuming does not need these states today. They are saved anyway so
-that whatever does draw from a global generator (dropout in a LoRA adapter, a
-user's reward function or environment) continues where it was instead of starting
-again from the seed. Covered: the controller process (``rng.pt``) and every trainer
+that whatever does draw from a global generator (dropout in a LoRA adapter, code
+run in the controller process) continues where it was instead of starting again
+from the seed. Covered: the controller process (``rng.pt``) and every trainer
 and critic rank (``rng_rank<r>.pt``). Not covered: reward and environment worker
 processes, which are replaced freely; a reward function that wants reproducible
 randomness should seed it from its sample.
