@@ -23,6 +23,7 @@ from rlpost.algorithms import (
     make_policy_loss_fn,
     mean_sequence_kl,
     overlong_filter_mask,
+    reinforce_pp_kl_advantages,
 )
 from rlpost.batching import build_train_batch, mini_batches, outcome_advantages_per_token, with_loss_rows
 from rlpost.collect import Collected, Collector
@@ -143,7 +144,15 @@ class Controller:
         #    no part in group statistics.
         kl_coef = self.kl_controller.value  # this step's KL-penalty coefficient, before its update
         shaped, kl_metrics = self._kl_in_reward(rewards, batch)
-        if self.critic is None:
+        algo = self.cfg.algorithm
+        if self.critic is None and algo.adv_estimator == "reinforce_pp" and algo.kl_in_reward \
+                and batch.ref_logprobs is not None:
+            # REINFORCE++ as published: each token its own KL-penalised return, not one
+            # summed-KL advantage per sample. Failed/filtered rows have no masked tokens.
+            batch.advantages = reinforce_pp_kl_advantages(
+                rewards.reshape(-1).to(torch.float32), batch.old_logprobs, batch.ref_logprobs, batch.loss_mask,
+                coef=kl_coef, estimator=algo.kl_estimator, gamma=algo.gae_gamma)
+        elif self.critic is None:
             advantages = self.advantage_fn(shaped, valid, **collected.estimator_args)
             batch.advantages = outcome_advantages_per_token(advantages, batch.loss_mask)
         else:  # PPO: per-token rewards (KL on every token), critic values, GAE

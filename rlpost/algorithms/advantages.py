@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from rlpost.algorithms.kl import kl_penalty_rewards
+
 
 def _masked_mean_std(x: torch.Tensor, mask: torch.Tensor):
     """Mean and unbiased std of ``x`` over all positions where ``mask`` (float 0/1) is 1,
@@ -78,10 +80,9 @@ def reinforce_pp_advantages(rewards: torch.Tensor, valid: torch.Tensor, *, eps: 
     instead of per group, ``A_i = (r_i - mean_batch(r)) / (std_batch(r) + eps)``
     (unbiased std over every valid sample of the step).
 
-    Deviation from the paper: REINFORCE++ folds a per-token KL penalty into the
-    return before normalising; here that is done by ``kl_penalty_rewards`` +
-    ``reinforce_pp_token_advantages`` (token level). This outcome form is the paper's
-    estimator when the KL is a loss term instead (``kl_in_reward`` off).
+    This outcome form is the paper's estimator when the KL is a loss term or off. With
+    the KL in the reward the paper works per token: ``reinforce_pp_kl_advantages``,
+    which the controller uses then.
     """
     valid_f = valid.to(rewards.dtype)
     mean, std, count = _masked_mean_std(rewards, valid_f)
@@ -198,6 +199,19 @@ def reinforce_pp_token_advantages(
     reward minus the per-token KL penalty (``kl_penalty_rewards``), whitened over every
     token of the batch. Same normalisation as verl/OpenRLHF (token-weighted)."""
     return whiten(discounted_returns(token_rewards, mask, gamma=gamma), mask)
+
+
+def reinforce_pp_kl_advantages(
+    scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, *,
+    coef: float, estimator: str = "k1", gamma: float = 1.0,
+) -> torch.Tensor:
+    """REINFORCE++ with the KL in the reward, as the paper (and OpenRLHF/verl) do it:
+    the outcome score ``scores[B]`` on each row's last masked token, ``coef * kl_t`` off
+    every masked token (``kl_penalty_rewards``), per-token returns, whitened over all
+    tokens of the batch (``reinforce_pp_token_advantages``). Token ``t`` is charged only
+    the KL of itself and the tokens after it, not the whole sequence's. [B, T]."""
+    token_rewards, _ = kl_penalty_rewards(last_token_scores(scores, mask), logp, ref_logp, mask, coef, estimator)
+    return reinforce_pp_token_advantages(token_rewards, mask, gamma=gamma)
 
 
 def last_token_scores(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

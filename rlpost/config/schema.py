@@ -197,7 +197,7 @@ class AlgorithmConfig:
     loss_norm_len: int = 0  # constant of seq-mean-token-sum-norm; 0 = rollout.max_new_tokens
     kl_coef: float = 0.0  # > 0 loads the reference: a KL loss term, or the reward penalty below
     kl_estimator: str = "k3"
-    kl_in_reward: bool = False  # penalise each sample's reward by kl_coef * its summed KL instead
+    kl_in_reward: bool = False  # KL as a reward penalty (per sample; per token for gae and reinforce_pp) instead of a loss term
     kl_target: float | None = None  # adaptive KL coefficient (nats per sequence); null = fixed
     kl_horizon: int = 10000
     entropy_coef: float = 0.0
@@ -209,7 +209,7 @@ class AlgorithmConfig:
     overlong_penalty_factor: float = 1.0
     overlong_filter: bool = False  # do not train on samples cut by the length cap
     # PPO with a critic (adv_estimator: gae; the critic itself is configured under critic:).
-    gae_gamma: float = 1.0  # discount per token
+    gae_gamma: float = 1.0  # discount per token (gae; reinforce_pp with kl_in_reward)
     gae_lambda: float = 0.95  # GAE lambda: 1 = Monte-Carlo returns, 0 = one-step TD
     value_clip: float | None = 0.2  # clip of the value update around the old values; null = none
     whiten_advantages: bool = True  # whiten GAE advantages over the step's tokens

@@ -40,6 +40,7 @@ from rlpost.algorithms import (
     ppo_clip,
     reinforce_pp_advantages,
     reinforce_pp_baseline_advantages,
+    reinforce_pp_kl_advantages,
     reinforce_pp_token_advantages,
     remax_advantages,
     rloo_advantages,
@@ -158,6 +159,29 @@ def test_reinforce_pp_token_whitens_returns_over_all_tokens():
     adv = reinforce_pp_token_advantages(torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]]), torch.ones(2, 3))
     s = 0.5 / math.sqrt(0.3)
     assert torch.allclose(adv, torch.tensor([[s, s, s], [-s, -s, -s]]), atol=1e-5)
+
+
+def test_reinforce_pp_with_kl_in_reward_charges_each_token_the_kl_after_it():
+    # k1 KL = logp - ref: row 0 (.5, 0), row 1 (0, 1); coef 1; scores 1 and 0 on the last token.
+    # token rewards: row 0 (-.5, 1), row 1 (0, -1); returns (gamma 1): (.5, 1), (-1, -1).
+    logp = torch.zeros(2, 2)
+    ref = torch.tensor([[-0.5, 0.0], [0.0, -1.0]])
+    adv = reinforce_pp_kl_advantages(torch.tensor([1.0, 0.0]), logp, ref, torch.ones(2, 2), coef=1.0)
+    returns = torch.tensor([[0.5, 1.0], [-1.0, -1.0]])
+    mean = returns.mean()
+    std = math.sqrt(((returns - mean) ** 2).sum().item() / 3)
+    assert torch.allclose(adv, (returns - mean) / std, atol=1e-5)
+    # gamma .5: row 0 returns (-.5 + .5 * 1, 1) = (0, 1): token 0 sees its own KL and half the outcome
+    adv = reinforce_pp_kl_advantages(torch.tensor([1.0, 0.0]), logp, ref, torch.ones(2, 2), coef=1.0, gamma=0.5)
+    returns = torch.tensor([[0.0, 1.0], [-0.5, -1.0]])
+    mean = returns.mean()
+    std = math.sqrt(((returns - mean) ** 2).sum().item() / 3)
+    assert torch.allclose(adv, (returns - mean) / std, atol=1e-5)
+    # a fully masked row (failed reward) stays 0 and is in no statistic
+    mask = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    adv = reinforce_pp_kl_advantages(torch.tensor([1.0, 0.0]), logp, ref, mask, coef=1.0)
+    s = 0.25 / math.sqrt(0.125)  # returns (.5, 1): mean .75, unbiased var .125
+    assert torch.allclose(adv, torch.tensor([[-s, s], [0.0, 0.0]]), atol=1e-5)
 
 
 def test_last_token_scores():
