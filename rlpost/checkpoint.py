@@ -12,7 +12,10 @@
 
 A checkpoint is built under a temporary name and renamed into place when complete;
 ``latest`` is replaced atomically afterwards. A crash at any point therefore leaves
-either the previous or the new checkpoint as ``latest``, never a partial one.
+either the previous or the new checkpoint as ``latest``, never a partial one. Every
+file is fsynced before the rename and each rename is fsynced in its folder, so this
+also holds when the machine itself goes down (not only the process): without it a
+rename can reach the disk before the data it names.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ class ControllerState:
     # trainer.mode=one_step_off|async: producer position and buffered batches
     # (rlpost.overlap.OverlappedRun.save); {} for sync runs and older checkpoints.
     overlap: dict = field(default_factory=dict)
+    # Run guards that span steps: consecutive skipped updates (policy, critic) and
+    # whether the length-cap warning was given; {} in older checkpoints.
+    guards: dict = field(default_factory=dict)
 
 
 class CheckpointManager:
@@ -53,13 +59,16 @@ class CheckpointManager:
 
     def commit(self, tmp: Path, state: ControllerState) -> Path:
         (tmp / "controller.json").write_text(json.dumps(state.__dict__, indent=2))
+        fsync_tree(tmp)
         final = self.root / f"step_{state.step:06d}"
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
         marker = self.root / "latest.tmp"
         marker.write_text(final.name)
+        fsync_path(marker)
         os.replace(marker, self.root / "latest")
+        fsync_path(self.root)  # both renames above are entries of this folder
         self._prune()
         return final
 
@@ -74,6 +83,24 @@ class CheckpointManager:
             return None
         path = self.root / marker.read_text().strip()
         return path if path.is_dir() else None
+
+
+def fsync_path(path: Path) -> None:
+    """Flush one file's data, or one folder's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under ``root`` (written by engines and actors that
+    know nothing of durability), folders after their contents."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_path(Path(folder) / name)
+        fsync_path(Path(folder))
 
 
 def resolve_resume(resume: str, manager: CheckpointManager) -> Path | None:

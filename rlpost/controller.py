@@ -280,9 +280,23 @@ class Controller:
         rng.save(tmp / RNG_FILE)
         state = ControllerState(step=step, policy_version=self.policy_version, data=self.stream.state_dict(),
                                 kl_controller=self.kl_controller.state_dict(),
-                                overlap=self.overlap.save(tmp) if self.overlap else {})
+                                overlap=self.overlap.save(tmp) if self.overlap else {}, guards=self._guards())
         path = self.checkpoints.commit(tmp, state)
         self.tracker.message(f"checkpoint: {path}")
+
+    def _guards(self) -> dict:
+        """Counters that span steps: without them a resumed run would forgive bad
+        updates seen just before the checkpoint and repeat the length-cap warning."""
+        guards = {"bad_updates": self.bad_updates, "warned_length_cap": self._warned_length_cap}
+        if self.critic:
+            guards["critic_bad_updates"] = self.critic.bad_updates
+        return guards
+
+    def _restore_guards(self, guards: dict) -> None:
+        self.bad_updates = guards.get("bad_updates", 0)
+        self._warned_length_cap = guards.get("warned_length_cap", False)
+        if self.critic:
+            self.critic.bad_updates = guards.get("critic_bad_updates", 0)
 
     def restore(self, path, state: ControllerState) -> None:
         """Load a checkpoint and bring every replica to its weights."""
@@ -291,6 +305,7 @@ class Controller:
             self.critic.load(str(path / "critic"))
         self.stream.load_state_dict(state.data)
         self.kl_controller.load_state_dict(state.kl_controller)
+        self._restore_guards(state.guards)
         rng.load(path / RNG_FILE)
         if self.overlap:  # the batches sampled ahead of the trainer, trained first
             self.overlap.restore(path, state)

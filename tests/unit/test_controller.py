@@ -9,6 +9,7 @@ and never appears in text.
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlpost.checkpoint import CheckpointManager, read_state
+from rlpost.checkpoint import CheckpointManager, ControllerState, read_state
 from rlpost.config.convert import to_dict
 from rlpost.config.load import load_config
 from rlpost.config.schema import RunConfig
@@ -172,6 +173,29 @@ def test_steps_report_metrics_and_sample_on_policy(tmp_path):
     assert history[2]["policy/kl"] > 1e-6
 
 
+def test_reinforce_pp_with_kl_in_reward_trains_per_token_returns(tmp_path):
+    cfg = make_cfg(tmp_path, "eval.every=0", "trainer.mini_batches=1", "algorithm.adv_estimator=reinforce_pp",
+                   "algorithm.kl_in_reward=true", "algorithm.kl_coef=0.5")
+    controller = build(cfg, make_samples(), with_reference=True)
+    seen = []
+    train_step = controller.trainer.train_step
+    controller.trainer.train_step = lambda mini, loss_fn: (seen.append(mini), train_step(mini, loss_fn))[1]
+    controller.step(1)
+    controller.step(2)
+    first, second = seen
+    # Step 1: policy = reference, no KL: every token of a row has its sample's advantage.
+    for batch in (first, second):
+        assert batch.advantages.shape == batch.loss_mask.shape
+        assert torch.all(batch.advantages[batch.loss_mask == 0] == 0)
+    rows = [first.advantages[i][first.loss_mask[i] > 0] for i in range(first.size)]
+    assert all(torch.allclose(r, r[0].expand_as(r)) for r in rows if r.numel())
+    # Step 2: the policy has moved, and a token is charged the KL from itself to the end,
+    # so advantages change along a row (one summed-KL advantage per sample would not).
+    rows = [second.advantages[i][second.loss_mask[i] > 0] for i in range(second.size)]
+    assert any(not torch.allclose(r, r[0].expand_as(r)) for r in rows if r.numel() > 1)
+    assert second.advantages[second.loss_mask > 0].mean().abs() < 1e-5  # whitened over tokens
+
+
 def test_replica_that_misses_a_weight_sync_fails_the_next_step(tmp_path):
     # The sync reaches replica 0 only; replica 1 keeps serving version 0.
     controller = build(make_cfg(tmp_path, "eval.every=0"), make_samples(), synced_replicas=1)
@@ -323,3 +347,54 @@ def test_nan_updates_are_skipped_then_stop_the_run(tmp_path):
     controller.step(2)
     with pytest.raises(TrainingError, match="max_bad_steps=2"):
         controller.step(3)
+
+
+def test_resume_keeps_the_count_of_bad_updates_in_a_row(tmp_path):
+    # Two skipped updates, a checkpoint, a crash: the resumed run must stop at the
+    # third, not grant max_bad_steps more (a diverged run would loop forever).
+    from rlpost.algorithms import make_policy_loss_fn
+
+    cfg = make_cfg(tmp_path / "run", "trainer.max_bad_steps=2", "trainer.mini_batches=1")
+    good = make_policy_loss_fn(cfg.algorithm)
+
+    def poisoned(out, mb):
+        loss, metrics = good(out, mb)
+        return loss * float("nan"), metrics
+
+    controller = build(cfg, make_samples())
+    controller.loss_fn = poisoned
+    controller.step(1)
+    controller.step(2)
+    controller.save(2)
+
+    resumed = build(cfg, make_samples())
+    resumed.loss_fn = poisoned
+    path = resumed.checkpoints.latest()
+    resumed.restore(path, read_state(path))
+    assert resumed.bad_updates == 2
+    with pytest.raises(TrainingError, match="3 updates in a row"):
+        resumed.step(3)
+
+
+def test_checkpoint_files_are_on_disk_before_latest_names_them(tmp_path, monkeypatch):
+    # A power cut may persist a rename before the data it names unless every file is
+    # fsynced first: record the order of fsyncs and renames.
+    import rlpost.checkpoint as ckpt
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(ckpt.os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                      real_fsync(fd)))
+    monkeypatch.setattr(ckpt.os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b)))
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    tmp = manager.begin(3)
+    (tmp / "policy").mkdir()
+    (tmp / "policy" / "model.pt").write_bytes(b"weights")
+    final = manager.commit(tmp, ControllerState(step=3, policy_version=3, data={}, kl_controller={}))
+
+    publish = events.index(("replace", str(tmp_path / "latest")))
+    synced = {path for kind, path in events[:publish] if kind == "fsync"}
+    assert {str(tmp / "policy" / "model.pt"), str(tmp / "controller.json"), str(tmp / "policy"), str(tmp),
+            str(tmp_path / "latest.tmp")} <= synced
+    assert events[publish + 1:] == [("fsync", str(tmp_path))]
+    assert manager.latest() == final and (final / "policy" / "model.pt").read_bytes() == b"weights"
