@@ -166,17 +166,16 @@ def test_reinforce_pp_with_kl_in_reward_charges_each_token_the_kl_after_it():
     # token rewards: row 0 (-.5, 1), row 1 (0, -1); returns (gamma 1): (.5, 1), (-1, -1).
     logp = torch.zeros(2, 2)
     ref = torch.tensor([[-0.5, 0.0], [0.0, -1.0]])
+
+    def whitened(returns):  # over all 4 tokens, unbiased std
+        mean = returns.mean()
+        return (returns - mean) / math.sqrt(((returns - mean) ** 2).sum().item() / 3)
+
     adv = reinforce_pp_kl_advantages(torch.tensor([1.0, 0.0]), logp, ref, torch.ones(2, 2), coef=1.0)
-    returns = torch.tensor([[0.5, 1.0], [-1.0, -1.0]])
-    mean = returns.mean()
-    std = math.sqrt(((returns - mean) ** 2).sum().item() / 3)
-    assert torch.allclose(adv, (returns - mean) / std, atol=1e-5)
+    assert torch.allclose(adv, whitened(torch.tensor([[0.5, 1.0], [-1.0, -1.0]])), atol=1e-5)
     # gamma .5: row 0 returns (-.5 + .5 * 1, 1) = (0, 1): token 0 sees its own KL and half the outcome
     adv = reinforce_pp_kl_advantages(torch.tensor([1.0, 0.0]), logp, ref, torch.ones(2, 2), coef=1.0, gamma=0.5)
-    returns = torch.tensor([[0.0, 1.0], [-0.5, -1.0]])
-    mean = returns.mean()
-    std = math.sqrt(((returns - mean) ** 2).sum().item() / 3)
-    assert torch.allclose(adv, (returns - mean) / std, atol=1e-5)
+    assert torch.allclose(adv, whitened(torch.tensor([[0.0, 1.0], [-0.5, -1.0]])), atol=1e-5)
     # a fully masked row (failed reward) stays 0 and is in no statistic
     mask = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
     adv = reinforce_pp_kl_advantages(torch.tensor([1.0, 0.0]), logp, ref, mask, coef=1.0)

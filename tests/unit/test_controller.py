@@ -139,6 +139,19 @@ def build(cfg: RunConfig, samples: list[PromptSample], *, stream: PromptStream |
     )
 
 
+def nan_loss_fn(cfg: RunConfig):
+    """The recipe's policy loss times NaN: every update it drives is non-finite."""
+    from rlpost.algorithms import make_policy_loss_fn
+
+    good = make_policy_loss_fn(cfg.algorithm)
+
+    def poisoned(out, mb):
+        loss, metrics = good(out, mb)
+        return loss * float("nan"), metrics
+
+    return poisoned
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -329,17 +342,9 @@ def test_stop_request_finishes_the_step_checkpoints_and_raises(tmp_path):
 def test_nan_updates_are_skipped_then_stop_the_run(tmp_path):
     # Poison the loss: every update is non-finite. The first max_bad_steps are skipped
     # (weights unchanged, reported); one more stops the run with a clear error.
-    from rlpost.algorithms import make_policy_loss_fn
-
     cfg = make_cfg(tmp_path / "run", "trainer.max_bad_steps=2", "trainer.mini_batches=1")
     controller = build(cfg, make_samples())
-    good = make_policy_loss_fn(cfg.algorithm)
-
-    def poisoned(out, mb):
-        loss, metrics = good(out, mb)
-        return loss * float("nan"), metrics
-
-    controller.loss_fn = poisoned
+    controller.loss_fn = nan_loss_fn(cfg)
     before = controller.trainer.engine.model.table.weight.detach().clone()
     metrics = controller.step(1)
     assert metrics["policy/skipped"] == 1.0
@@ -352,15 +357,8 @@ def test_nan_updates_are_skipped_then_stop_the_run(tmp_path):
 def test_resume_keeps_the_count_of_bad_updates_in_a_row(tmp_path):
     # Two skipped updates, a checkpoint, a crash: the resumed run must stop at the
     # third, not grant max_bad_steps more (a diverged run would loop forever).
-    from rlpost.algorithms import make_policy_loss_fn
-
     cfg = make_cfg(tmp_path / "run", "trainer.max_bad_steps=2", "trainer.mini_batches=1")
-    good = make_policy_loss_fn(cfg.algorithm)
-
-    def poisoned(out, mb):
-        loss, metrics = good(out, mb)
-        return loss * float("nan"), metrics
-
+    poisoned = nan_loss_fn(cfg)
     controller = build(cfg, make_samples())
     controller.loss_fn = poisoned
     controller.step(1)
