@@ -10,7 +10,7 @@
     │   └── TrainerLost    a trainer rank died; the supervisor rebuilds the group
     ├── SandboxError       the code sandbox service is unreachable, overloaded past the
     │                      client's retries, refused a request, or cannot isolate code
-    └── Preempted          SIGTERM arrived; a checkpoint was written (exit code 75)
+    └── Preempted          SIGTERM or a first Ctrl-C arrived; a checkpoint was written (exit code 75)
 """
 
 
@@ -54,7 +54,7 @@ class SandboxError(RlpostError):
 
 
 class Preempted(RlpostError):
-    """The run was asked to stop (SIGTERM: Slurm preemption, Kubernetes eviction). The
+    """The run was asked to stop (SIGTERM: Slurm preemption, Kubernetes eviction; or Ctrl-C). The
     step in flight was finished and checkpointed; ``resume=auto`` continues it."""
 
     exit_code = 75  # EX_TEMPFAIL: "try again", what schedulers' requeue logic expects

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -41,7 +42,7 @@ def run(cfg: RunConfig) -> dict:
     from rlpost.models.loading import load_tokenizer, resolve_model_path
     from rlpost.supervisor import TrainerParts, TrainerSupervisor
     from rlpost.tracking import Tracker
-    from rlpost.workers.cluster import start_cluster, stop_cluster
+    from rlpost.workers.cluster import kill_started_cluster, start_cluster, stop_cluster
     from rlpost.workers.reward_pool import RewardPool
     from rlpost.workers.rollout_group import RolloutGroup
     from rlpost.workers.trainer_group import TrainerGroup
@@ -74,7 +75,8 @@ def run(cfg: RunConfig) -> dict:
 
     use_reference = cfg.algorithm.kl_coef > 0
     started = start_cluster(cfg)
-    stop_flag = _install_sigterm_handler()  # after ray.init, which may install its own
+    # After ray.init, which may install its own; a second Ctrl-C ends the Ray instance we started.
+    stop_flag = _install_stop_handlers(kill_started_cluster if started else lambda: None)
     groups = []
     tracker = Tracker(cfg.logger, out, cfg.trainer.total_steps, to_dict(cfg))
     try:
@@ -149,17 +151,43 @@ def run(cfg: RunConfig) -> dict:
         stop_cluster(started)
 
 
-def _install_sigterm_handler() -> threading.Event:
-    """SIGTERM (Slurm preemption, Kubernetes eviction) sets a flag the controller polls
-    between steps, instead of killing the run mid-update."""
+def _install_stop_handlers(kill_cluster) -> threading.Event:
+    """SIGTERM (Slurm preemption, Kubernetes eviction) and a first Ctrl-C (SIGINT) set
+    a flag the controller polls between steps, instead of killing the run mid-update:
+    the step in flight finishes, a checkpoint is written and ``Preempted`` is raised.
+    A second Ctrl-C exits at once without a checkpoint (exit code 130), after
+    ``kill_cluster()`` ends the Ray processes this run started."""
     flag = threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        def on_term(signum, frame):
-            print("rlpost: SIGTERM received; finishing the current step, then checkpointing", flush=True)
-            flag.set()
+    if threading.current_thread() is not threading.main_thread():
+        return flag
 
-        signal.signal(signal.SIGTERM, on_term)
+    def on_term(signum, frame):
+        print("rlpost: SIGTERM received; finishing the current step, then checkpointing", flush=True)
+        flag.set()
+
+    def on_int(signum, frame):
+        if flag.is_set():
+            print("\nrlpost: second Ctrl-C: stopping now, without a checkpoint", file=sys.stderr, flush=True)
+            kill_cluster()
+            os._exit(INTERRUPTED_EXIT_CODE)
+        print("\nrlpost: Ctrl-C: finishing the current step, then checkpointing "
+              "(press Ctrl-C again to stop at once, without a checkpoint)", file=sys.stderr, flush=True)
+        flag.set()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_int)
     return flag
+
+
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what shells report for a Ctrl-C'd command
+
+
+def resume_command(overrides: list[str], output_dir: str) -> str:
+    """The command that continues a stopped run: the same overrides, its run
+    directory named explicitly (a default one is a timestamp) and ``resume=auto``."""
+    keep = [o for o in overrides if not o.lstrip("+~").startswith(("output_dir=", "resume="))]
+    return shlex.join(["python", "-m", "rlpost.train", *keep,
+                       f"output_dir={output_dir}", "resume=auto"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,8 +206,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         run(cfg)
     except Preempted as err:
-        print(f"rlpost: {err}", file=sys.stderr)
+        print(f"rlpost: {err}\nrlpost: to continue: {resume_command(args.overrides, cfg.output_dir)}",
+              file=sys.stderr)
         return Preempted.exit_code
+    except KeyboardInterrupt:  # Ctrl-C before the stop handlers were installed (config, data, start-up)
+        print("\nrlpost: interrupted before training started; nothing to checkpoint", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
     except RlpostError as err:
         print(f"rlpost: error: {err}", file=sys.stderr)
         return 2

@@ -62,6 +62,16 @@ def stop_cluster(started: bool) -> None:
         ray.shutdown()
 
 
+def kill_started_cluster() -> None:
+    """End the local Ray instance this process started, now, without disconnecting
+    first (a second Ctrl-C: the driver exits right after). SIGTERM lets the raylet stop
+    its workers and agents; killed outright, its dashboard and runtime-env agents
+    outlive the driver for minutes."""
+    node = getattr(ray._private.worker, "_global_node", None)  # None when joined or not started
+    if node is not None and node.head:
+        node.kill_all_processes(check_alive=False, allow_graceful=True, wait=True)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
