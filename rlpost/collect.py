@@ -9,6 +9,7 @@ for the rollout group and the reward pool, and returns exactly
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -32,8 +33,11 @@ class Collected:
 
 
 class Collector:
-    def __init__(self, cfg: RunConfig, stream: PromptStream, rollout, rewards, envs=None):
+    def __init__(self, cfg: RunConfig, stream: PromptStream, rollout, rewards, envs=None,
+                 message: Callable[[str], None] = print):
         self.cfg, self.stream, self.rollout, self.rewards = cfg, stream, rollout, rewards
+        self.message = message  # the run's console line (Tracker.message)
+        self._warned_padding = False
         # Multi-turn episodes through environments (rlpost.multiturn); None = single turn.
         self.episodes = None
         if cfg.env.enabled(cfg.rollout):
@@ -69,8 +73,10 @@ class Collector:
             if len(kept) >= want:
                 break
         # Not enough informative groups within the round limit: fill up with dropped ones
-        # (zero advantage, so no gradient) rather than fail the step.
+        # (zero advantage, so no gradient) rather than fail the step, and say so.
         chosen = (kept + dropped)[:want]
+        if algo.dynamic_sampling and len(kept) < want:
+            self._warn_padding(step, len(kept), want, drawn)
         metrics = {"sampling/groups_drawn": float(drawn), "sampling/groups_informative": float(len(kept)),
                    "sampling/groups_filled": float(max(0, want - len(kept)))} if algo.dynamic_sampling else {}
         if self.episodes is not None:
@@ -83,6 +89,16 @@ class Collector:
             args = self._greedy_baseline([group[0].prompt for group, _, _ in chosen], policy_version, timer)
             metrics["reward/greedy_baseline_mean"] = args["baseline"].mean().item()
         return Collected(trajectories, rewards, valid, metrics, args)
+
+    def _warn_padding(self, step: int, informative: int, want: int, drawn: int) -> None:
+        if self._warned_padding:
+            return
+        self._warned_padding = True
+        self.message(f"warning: step {step}: dynamic sampling found {informative} informative groups of the "
+                     f"{want} wanted in {drawn} drawn (algorithm.max_sampling_rounds="
+                     f"{self.cfg.algorithm.max_sampling_rounds}); padded with {want - informative} all-equal groups "
+                     "that carry no gradient. Raise algorithm.max_sampling_rounds; later paddings are counted in "
+                     "sampling/groups_filled without this message.")
 
     def _greedy_baseline(self, prompts: list[PromptSample], policy_version: int, timer) -> dict:
         """ReMax: one greedy rollout per prompt, scored like the samples (Li et al. 2023)."""

@@ -63,7 +63,7 @@ class Controller:
         self.cfg, self.trainer, self.rollout, self.rewards = cfg, trainer, rollout, rewards
         self.weight_sync = weight_sync
         self.stream, self.val_samples, self.tracker, self.checkpoints = stream, val_samples, tracker, checkpoints
-        self.collector = Collector(cfg, stream, rollout, rewards, envs)  # envs: multi-turn env pool
+        self.collector = Collector(cfg, stream, rollout, rewards, envs, message=tracker.message)  # envs: multi-turn
         self.pad_id, self.use_reference = pad_id, use_reference
         self.faults = faults  # rlpost.faults.FaultCounts: failures survived, logged every step
         self.loss_fn = make_policy_loss_fn(cfg.algorithm, max_response_len=cfg.rollout.max_new_tokens)

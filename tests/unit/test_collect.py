@@ -27,14 +27,14 @@ def split_reward(prompt, completion, ground_truth, metadata):
     return float(len(completion) % 2)
 
 
-def make(tmp_path, *overrides, flat=(0, 1, 2, 3)):
+def make(tmp_path, *overrides, flat=(0, 1, 2, 3), message=print):
     cfg = load_config(["logger=[jsonl]", f"output_dir={tmp_path}", "rollout.engine=fake", "rollout.n=4",
                        "data.train_batch_size=2", f"reward.fn={THIS_FILE}:split_reward", *overrides])
     samples = [PromptSample(uid=f"p{i}", prompt_ids=(1, 3 + i), question=f"q{i}", answer="1",
                             metadata={"flat": i in flat}) for i in range(8)]
     stream = PromptStream(samples, cfg.data.train_batch_size, seed=0, shuffle=False)
     rollout = LocalRolloutGroup([FakeRolloutEngine(vocab_size=16, eos_id=2, seed=0)])
-    return cfg, Collector(cfg, stream, rollout, LocalRewardPool(cfg.reward))
+    return cfg, Collector(cfg, stream, rollout, LocalRewardPool(cfg.reward), message=message)
 
 
 def timer(name):
@@ -64,6 +64,25 @@ def test_round_limit_fills_with_dropped_groups(tmp_path):
     assert out.metrics == {"sampling/groups_drawn": 2.0, "sampling/groups_informative": 0.0,
                            "sampling/groups_filled": 2.0}
     assert torch.equal(out.rewards, torch.ones(2, 4))
+
+
+def test_padding_a_short_batch_is_said_once(tmp_path):
+    said = []
+    # Every prompt flat: every step pads the whole batch.
+    cfg, collector = make(tmp_path, "algorithm.dynamic_sampling=true", "algorithm.max_sampling_rounds=1",
+                          flat=range(8), message=said.append)
+    collector.collect(step=1, policy_version=0, timer=timer)
+    assert len(said) == 1
+    assert "step 1" in said[0] and "padded with 2" in said[0] and "algorithm.max_sampling_rounds" in said[0]
+    out = collector.collect(step=2, policy_version=0, timer=timer)
+    assert len(said) == 1 and out.metrics["sampling/groups_filled"] == 2.0
+
+
+def test_a_full_batch_says_nothing(tmp_path):
+    said = []
+    cfg, collector = make(tmp_path, "algorithm.dynamic_sampling=true", flat=(), message=said.append)
+    out = collector.collect(step=1, policy_version=0, timer=timer)
+    assert out.metrics["sampling/groups_filled"] == 0.0 and said == []
 
 
 def test_without_dynamic_sampling_every_group_is_kept(tmp_path):
