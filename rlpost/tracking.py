@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import secrets
 import sys
 import time
 from collections.abc import Sequence
@@ -161,7 +162,8 @@ def _init_wandb(cfg: LoggerConfig, output_dir: Path, run_config: dict):
     # A stable id stored in the run directory makes a resumed run continue the same
     # wandb run instead of starting a new one.
     id_file = output_dir / "wandb_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    # Our own id: wandb 0.31 dropped wandb.util.generate_id (8 lowercase alphanumerics, as wandb's).
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
     id_file.write_text(run_id)
     return wandb.init(project=cfg.wandb.project, name=cfg.wandb.name, id=run_id, resume="allow",
                       dir=str(output_dir), mode=mode, config=run_config)
