@@ -51,10 +51,12 @@ def run(cfg: RunConfig) -> dict:
     # auto -> vllm or hf, decided here once, so every replica runs the same engine and
     # config.yaml records the one that ran.
     cfg.rollout.engine = resolve_rollout_engine(cfg.rollout.engine)
+    _resolve_threads(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    print(f"rlpost: run directory {out.resolve()}; rollout engine {cfg.rollout.engine}", flush=True)
+    print(f"rlpost: run directory {out.resolve()}; rollout engine {cfg.rollout.engine}; threads per trainer rank "
+          f"{cfg.trainer.threads}, per rollout replica {cfg.rollout.threads}", flush=True)
 
     # The built-in model is built once with its own fixed seed, not the run seed: a
     # different run seed should not cost a rebuild.
@@ -73,6 +75,7 @@ def run(cfg: RunConfig) -> dict:
         return {}
 
     use_reference = cfg.algorithm.kl_coef > 0
+    perf = _step_perf(cfg, model_path)  # before any actor starts: it may time the cores
     started = start_cluster(cfg)
     stop_flag = _install_sigterm_handler()  # after ray.init, which may install its own
     groups = []
@@ -129,7 +132,7 @@ def run(cfg: RunConfig) -> dict:
                               weight_sync=parts.weight_sync, stream=stream,
                               val_samples=val, tracker=tracker, checkpoints=checkpoints,
                               pad_id=tokenizer.pad_token_id, use_reference=use_reference, envs=envs,
-                              critic=parts.critic, faults=faults)
+                              critic=parts.critic, faults=faults, perf=perf)
 
         supervisor = TrainerSupervisor(build_trainer=build_trainer, make_controller=make_controller,
                                        checkpoints=checkpoints, tracker=tracker,
@@ -147,6 +150,37 @@ def run(cfg: RunConfig) -> dict:
         for group in reversed(groups):
             group.shutdown()
         stop_cluster(started)
+
+
+def _step_perf(cfg: RunConfig, model_path: str):
+    """perf/mfu's parameter count and peak (rlpost.perf), said once."""
+    import torch
+
+    from rlpost.perf import StepPerf, cpu_has_bf16, matmul_params, peak_flops
+
+    gpus = 0
+    if torch.cuda.is_available():
+        gpus = cfg.trainer.world_size + (0 if cfg.rollout.colocate else cfg.rollout.replicas)
+    n_params = matmul_params(model_path, cfg.model.trust_remote_code)
+    peak, how = peak_flops(cache_root() / "perf", gpus)
+    print(f"rlpost: perf/mfu = model FLOPs / (step time x peak); N = {n_params / 1e6:.2f}M matmul parameters, "
+          f"peak: {how}", flush=True)
+    if not gpus and not cpu_has_bf16():
+        note = ("model.dtype=bfloat16 will be emulated, several times slower: set model.dtype=float32"
+                if cfg.model.dtype == "bfloat16" else "computing in float32")
+        print(f"rlpost: this CPU has no bf16 units (AVX512-BF16/AMX); {note}", flush=True)
+    return StepPerf(n_params=n_params, peak=peak, devices=max(gpus, 1))
+
+
+def _resolve_threads(cfg: RunConfig) -> None:
+    """``trainer.threads`` / ``rollout.threads`` = 0 (auto) -> counts from this node's
+    cores and the schedule (rlpost.threads), written into the config that actors read
+    and config.yaml records."""
+    from rlpost.threads import resolve_threads
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cfg.trainer.threads, cfg.rollout.threads = resolve_threads(
+        cfg.trainer.mode, cpus, cfg.trainer.world_size, cfg.rollout.replicas, cfg.trainer.threads, cfg.rollout.threads)
 
 
 def _install_sigterm_handler() -> threading.Event:
