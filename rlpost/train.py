@@ -7,11 +7,14 @@ components on a Ray cluster, runs the controller, exports ``final/``.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import functools
 import logging
 import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import yaml
@@ -22,6 +25,7 @@ from rlpost.config.schema import RunConfig
 from rlpost.errors import Preempted, RlpostError
 
 log = logging.getLogger("rlpost")
+_IMPORTED = time.perf_counter()  # about when the command started: start-up is reported from here
 
 
 def cache_root() -> Path:
@@ -63,19 +67,31 @@ def run(cfg: RunConfig) -> dict:
     model_path = resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(model_path)
     data_dir = cache_root() / "data"
-    train, train_report = load_prompts(cfg.data, tokenizer, "train", seed=cfg.seed, data_dir=data_dir)
-    val, val_report = load_prompts(cfg.data, tokenizer, "val", seed=cfg.seed, data_dir=data_dir)
-    print(f"rlpost: train data {train_report.summary()}; val data {val_report.summary()}", flush=True)
+
+    def load_data():
+        train, train_report = load_prompts(cfg.data, tokenizer, "train", seed=cfg.seed, data_dir=data_dir)
+        val, val_report = load_prompts(cfg.data, tokenizer, "val", seed=cfg.seed, data_dir=data_dir)
+        print(f"rlpost: train data {train_report.summary()}; val data {val_report.summary()}", flush=True)
+        return train, val
+
+    # Templating thousands of prompts, and building the model on the meta device to count
+    # its parameters, take seconds: done while Ray and the actors start.
+    background = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="rlpost-start")
+    data = background.submit(load_data)
+    n_params = background.submit(_matmul_params, cfg, model_path)
+    background.shutdown(wait=False)
 
     checkpoints = CheckpointManager(out / "checkpoints", cfg.trainer.keep_last)
     resume_from = resolve_resume(cfg.resume, checkpoints)
     state = read_state(resume_from) if resume_from else None
     if state and state.step >= cfg.trainer.total_steps and (out / "final").is_dir():
         print(f"rlpost: {out} already finished {state.step} steps; nothing to do", flush=True)
+        data.cancel()
+        n_params.cancel()
         return {}
 
     use_reference = cfg.algorithm.kl_coef > 0
-    perf = _step_perf(cfg, model_path)  # before any actor starts: it may time the cores
+    peak = _peak(cfg)  # before any actor starts: it times the cores
     started = start_cluster(cfg)
     stop_flag = _install_sigterm_handler()  # after ray.init, which may install its own
     groups = []
@@ -99,7 +115,9 @@ def run(cfg: RunConfig) -> dict:
 
             envs = EnvPool(cfg.env, *env_factory(cfg), faults)
             groups.append(envs)
-        print(f"rlpost: rollout replica pids {rollout.pids()}", flush=True)
+        train, val = data.result()  # the actors keep loading meanwhile
+        # Asked for when the first controller is made, so the trainer need not wait for it.
+        step_perf = functools.cache(lambda: _step_perf(cfg, n_params.result(), *peak))
 
         # The trainer group, its weight-sync link and PPO's critic are built (and, after
         # a trainer or critic rank dies, rebuilt) by the supervisor; see rlpost.supervisor.
@@ -107,6 +125,9 @@ def run(cfg: RunConfig) -> dict:
             trainer = TrainerGroup(cfg, model_path, with_reference=use_reference, placement=placement)
             critic = None
             try:
+                # Waited for only now (no time limit: vLLM on a busy machine can take
+                # minutes), so the replicas loaded while the trainer did.
+                print(f"rlpost: rollout replica pids {rollout.pids()}", flush=True)
                 if placement is not None:  # CUDA IPC through vLLM's weight-transfer engine
                     from rlpost.workers.colocation import ColocatedWeightSync
 
@@ -127,12 +148,13 @@ def run(cfg: RunConfig) -> dict:
             return TrainerParts(trainer, weight_sync, critic)
 
         def make_controller(parts: TrainerParts) -> Controller:
+            print(f"rlpost: components ready {time.perf_counter() - _IMPORTED:.1f}s after start", flush=True)
             stream = PromptStream(train, cfg.data.train_batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
             return Controller(cfg, trainer=parts.trainer, rollout=rollout, rewards=rewards,
                               weight_sync=parts.weight_sync, stream=stream,
                               val_samples=val, tracker=tracker, checkpoints=checkpoints,
                               pad_id=tokenizer.pad_token_id, use_reference=use_reference, envs=envs,
-                              critic=parts.critic, faults=faults, perf=perf)
+                              critic=parts.critic, faults=faults, perf=step_perf())
 
         supervisor = TrainerSupervisor(build_trainer=build_trainer, make_controller=make_controller,
                                        checkpoints=checkpoints, tracker=tracker,
@@ -152,17 +174,28 @@ def run(cfg: RunConfig) -> dict:
         stop_cluster(started)
 
 
-def _step_perf(cfg: RunConfig, model_path: str):
-    """perf/mfu's parameter count and peak (rlpost.perf), said once."""
+def _matmul_params(cfg: RunConfig, model_path: str) -> int:
+    from rlpost.perf import matmul_params
+
+    return matmul_params(model_path, cfg.model.trust_remote_code)
+
+
+def _peak(cfg: RunConfig) -> tuple[float, str, int]:
+    """(peak FLOP/s, how it was found, GPUs in use) for perf/mfu (rlpost.perf)."""
     import torch
 
-    from rlpost.perf import StepPerf, cpu_has_bf16, matmul_params, peak_flops
+    from rlpost.perf import peak_flops
 
     gpus = 0
     if torch.cuda.is_available():
         gpus = cfg.trainer.world_size + (0 if cfg.rollout.colocate else cfg.rollout.replicas)
-    n_params = matmul_params(model_path, cfg.model.trust_remote_code)
-    peak, how = peak_flops(cache_root() / "perf", gpus)
+    return (*peak_flops(cache_root() / "perf", gpus), gpus)
+
+
+def _step_perf(cfg: RunConfig, n_params: int, peak: float, how: str, gpus: int):
+    """perf/mfu's parameter count and peak (rlpost.perf), said once."""
+    from rlpost.perf import StepPerf, cpu_has_bf16
+
     print(f"rlpost: perf/mfu = model FLOPs / (step time x peak); N = {n_params / 1e6:.2f}M matmul parameters, "
           f"peak: {how}", flush=True)
     if not gpus and not cpu_has_bf16():
