@@ -175,7 +175,8 @@ class Controller:
                 critic_metrics = self.critic.update(batch, step)
         with timer("train"):
             frozen = self.critic is not None and self.critic.policy_frozen(step)
-            train_metrics, trainer_logprobs = ({"policy/updates": 0.0}, batch.old_logprobs) if frozen else self._update(batch, step)
+            train_metrics, trainer_logprobs = (({"policy/updates": 0.0}, batch.old_logprobs) if frozen
+                                               else self._update(batch, step))
         # 7. Push the new weights (version = step) to every rollout replica.
         with timer("weight_sync"):
             self.sync_weights(step)

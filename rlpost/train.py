@@ -207,13 +207,14 @@ def _step_perf(cfg: RunConfig, n_params: int, peak: float, how: str, gpus: int):
 
 def _resolve_threads(cfg: RunConfig) -> None:
     """``trainer.threads`` / ``rollout.threads`` = 0 (auto) -> counts from this node's
-    cores and the schedule (rlpost.threads), written into the config that actors read
-    and config.yaml records."""
-    from rlpost.threads import resolve_threads
+    free cores and the schedule (rlpost.threads), written into the config that actors
+    read and config.yaml records."""
+    from rlpost.threads import busy_cores, resolve_threads
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     cfg.trainer.threads, cfg.rollout.threads = resolve_threads(
-        cfg.trainer.mode, cpus, cfg.trainer.world_size, cfg.rollout.replicas, cfg.trainer.threads, cfg.rollout.threads)
+        cfg.trainer.mode, cpus, cfg.trainer.world_size, cfg.rollout.replicas, cfg.trainer.threads, cfg.rollout.threads,
+        busy=busy_cores())
 
 
 def _install_sigterm_handler() -> threading.Event:

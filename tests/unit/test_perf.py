@@ -45,3 +45,11 @@ def test_matmul_params_of_a_small_qwen2_by_hand(tmp_path, tied):
 ])
 def test_thread_rule(mode, cpus, ranks, replicas, given, expected):
     assert resolve_threads(mode, cpus, ranks, replicas, *given) == expected
+
+
+@pytest.mark.parametrize("busy, expected", [
+    (0.0, (8, 8)), (0.4, (8, 8)), (3.0, (5, 5)), (7.6, (1, 1)), (16.0, (1, 1)),  # 8 cores less the busy ones
+])
+def test_auto_threads_use_the_free_cores(busy, expected):
+    assert resolve_threads("sync", 8, 1, 1, busy=busy) == expected
+    assert resolve_threads("sync", 8, 1, 1, 2, 3, busy=busy) == (2, 3)  # numbers are taken as given
