@@ -4,8 +4,9 @@ The rule (``trainer.threads`` / ``rollout.threads`` = 0, "auto"), over the node'
 *free* cores: its cores less those other programs kept busy when the run started (the
 one-minute load average, less this process's own start). Math threads on a core some
 other process is using do not add speed, they wait at every barrier for the slowest
-(measured on the reference machine under a load of 16: a 24M step took 2.7x longer
-with two threads than with one), so a busy node gets one thread per process.
+(on a 2-core machine under a load average of about 16, 24M-parameter steps took 189 and
+345 s with two threads against 70-80 s with one minutes earlier; docs/performance.md),
+so a busy node gets one thread per process.
 
 - ``trainer.mode=sync``: sampling, then training, then the weight push; the trainer
   and the replicas take turns, so while one computes the other waits. Each side gets
