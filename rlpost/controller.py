@@ -97,10 +97,10 @@ class Controller:
         ``stop_requested()`` is polled after every step (a SIGTERM handler sets it): the
         step in flight finishes, a checkpoint is written and ``Preempted`` is raised.
         """
+        self.tracker.message(f"rlpost: {self.old_logprobs.describe()}")
         if self.overlap is not None:
             return self.overlap.run(start_step, stop_requested)
         cfg, last = self.cfg, {}
-        self.tracker.message(f"rlpost: {self.old_logprobs.describe()}")
         self.tracker.start(start_step)
         if start_step == 0 and cfg.eval.every > 0:
             self.tracker.log(0, self.evaluate())
