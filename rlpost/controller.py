@@ -25,6 +25,7 @@ from rlpost.algorithms import (
     overlong_filter_mask,
     reinforce_pp_kl_advantages,
 )
+from rlpost.algorithms.on_policy import old_logprob_plan
 from rlpost.batching import build_train_batch, mini_batches, outcome_advantages_per_token, with_loss_rows
 from rlpost.collect import Collected, Collector
 from rlpost.checkpoint import RNG_FILE, CheckpointManager, ControllerState
@@ -59,14 +60,18 @@ class Timer(dict):
 class Controller:
     def __init__(self, cfg: RunConfig, *, trainer, rollout, rewards, weight_sync, stream: PromptStream,
                  val_samples: list[PromptSample], tracker: Tracker, checkpoints: CheckpointManager,
-                 pad_id: int, use_reference: bool, envs=None, critic=None, faults=None):
+                 pad_id: int, use_reference: bool, envs=None, critic=None, faults=None, perf=None):
         self.cfg, self.trainer, self.rollout, self.rewards = cfg, trainer, rollout, rewards
         self.weight_sync = weight_sync
         self.stream, self.val_samples, self.tracker, self.checkpoints = stream, val_samples, tracker, checkpoints
         self.collector = Collector(cfg, stream, rollout, rewards, envs, message=tracker.message)  # envs: multi-turn
         self.pad_id, self.use_reference = pad_id, use_reference
         self.faults = faults  # rlpost.faults.FaultCounts: failures survived, logged every step
+        self.perf = perf  # rlpost.perf.StepPerf: perf/mfu and tokens/s every step (None: not reported)
         self.loss_fn = make_policy_loss_fn(cfg.algorithm, max_response_len=cfg.rollout.max_new_tokens)
+        # Exactly on-policy updates take "old" log-probs from the training forward instead
+        # of a separate pass (rlpost.algorithms.on_policy); decided once, here.
+        self.old_logprobs = old_logprob_plan(cfg.algorithm, cfg.trainer)
         if (cfg.algorithm.adv_estimator == "gae") != (critic is not None):
             raise ConfigError("algorithm.adv_estimator: gae (PPO) needs a critic group and the other estimators "
                               f"take none; got adv_estimator={cfg.algorithm.adv_estimator!r}, critic={critic!r}")
@@ -92,6 +97,7 @@ class Controller:
         ``stop_requested()`` is polled after every step (a SIGTERM handler sets it): the
         step in flight finishes, a checkpoint is written and ``Preempted`` is raised.
         """
+        self.tracker.message(f"rlpost: {self.old_logprobs.describe()}")
         if self.overlap is not None:
             return self.overlap.run(start_step, stop_requested)
         cfg, last = self.cfg, {}
@@ -124,7 +130,8 @@ class Controller:
     def train_on(self, step: int, collected: Collected, timer: Timer, t0: float) -> dict:
         """Stages 4-7 of step ``step`` on ``collected``; returns the step's metrics
         (``timing/step_s`` counted from ``t0``). The samples may come from an older policy
-        version (``rlpost.overlap``): old log-probs are always recomputed here."""
+        version (``rlpost.overlap``): old log-probs are then recomputed here (a separate
+        pass), as whenever the update is not exactly on-policy (``self.old_logprobs``)."""
         trajectories, rewards, valid = collected.trajectories, collected.rewards, collected.valid
         self.tracker.log_samples(step, trajectory_rows(trajectories, limit=4))
         batch = build_train_batch(trajectories, self.pad_id)
@@ -134,9 +141,11 @@ class Controller:
             batch = with_loss_rows(batch, overlong_filter_mask([t.completion.finish_reason for t in trajectories]))
         if batch.global_num_tokens == 0:
             raise TrainingError(f"step {step}: no trainable tokens (every reward failed?)")
-        # 4. Log-probs of the policy before the update (PPO's "old" policy) and of the reference.
-        with timer("old_logprobs"):
-            batch.old_logprobs = self.trainer.forward_logprobs(batch)
+        # 4. Log-probs of the policy before the update (PPO's "old" policy; on-policy
+        #    updates reuse the training forward's instead) and of the reference.
+        with timer("old_logprobs"):  # 0 s when reused: the key stays for dashboards
+            if self.old_logprobs.separate_pass:
+                batch.old_logprobs = self.trainer.forward_logprobs(batch)
         if self.use_reference:
             with timer("ref_logprobs"):
                 batch.ref_logprobs = self.trainer.forward_logprobs(batch, reference=True)
@@ -166,12 +175,14 @@ class Controller:
                 critic_metrics = self.critic.update(batch, step)
         with timer("train"):
             frozen = self.critic is not None and self.critic.policy_frozen(step)
-            train_metrics = {"policy/updates": 0.0} if frozen else self._update(batch, step)
+            train_metrics, trainer_logprobs = (({"policy/updates": 0.0}, batch.old_logprobs) if frozen
+                                               else self._update(batch, step))
         # 7. Push the new weights (version = step) to every rollout replica.
         with timer("weight_sync"):
             self.sync_weights(step)
         metrics = {
-            **self._rollout_metrics(trajectories, valid, timer, batch),
+            **self._rollout_metrics(trajectories, valid, timer, batch, trainer_logprobs),
+            "perf/old_logprob_pass": float(self.old_logprobs.separate_pass),
             **collected.metrics,
             **kl_metrics,
             **train_metrics,
@@ -181,7 +192,19 @@ class Controller:
         if self.faults is not None:
             metrics.update(self.faults.metrics())
         metrics["timing/step_s"] = time.perf_counter() - t0
+        if self.perf is not None:
+            metrics.update(self._perf_metrics(batch, trajectories, metrics["timing/step_s"]))
         return metrics
+
+    def _perf_metrics(self, batch: TrainBatch, trajectories, step_s: float) -> dict:
+        """``perf/*`` of the step: its model FLOPs (rlpost.perf) over its wall time."""
+        tokens = float(batch.attention_mask.sum())  # real tokens of every row, prompt included
+        passes = int(self.old_logprobs.separate_pass) + int(self.use_reference) + int(self.critic is not None)
+        # The value model (PPO) is as big as the policy and trains for as many epochs.
+        epochs = self.cfg.trainer.epochs * (2 if self.critic is not None else 1)
+        return self.perf.metrics(trained_tokens=tokens * epochs,
+                                 generated_tokens=float(sum(len(t.completion.token_ids) for t in trajectories)),
+                                 extra_forward_tokens=tokens * passes, step_s=step_s)
 
     # ------------------------------------------------------------- stages
     def _bad_update(self, step: int) -> None:
@@ -209,13 +232,21 @@ class Controller:
         self.kl_controller.update(seq_kl, n_steps=batch.size)
         return shaped, {"reward/kl_penalty_coef": beta, "reward/seq_kl_mean": seq_kl}
 
-    def _update(self, batch: TrainBatch, step: int) -> dict:
+    def _update(self, batch: TrainBatch, step: int) -> tuple[dict, torch.Tensor | None]:
+        """Policy metrics and the trainer's log-probs of ``batch`` before the update
+        ([B, T]): the separate pass's, or, on-policy, the training forward's."""
         tc = self.cfg.trainer
         generator = torch.Generator().manual_seed(self.cfg.seed * 7919 + step)
         summed: dict[str, float] = {}
         updates = 0
+        logprobs = batch.old_logprobs
         for mini in mini_batches(batch, tc.mini_batches, tc.epochs, generator):
-            metrics = self.trainer.train_step(mini, self.loss_fn)
+            if batch.old_logprobs is None:  # on-policy: one mini-batch, rows in order, trimmed
+                metrics, trained = self.trainer.train_step(mini, self.loss_fn, return_logprobs=True)
+                logprobs = torch.zeros(tuple(batch.input_ids.shape))
+                logprobs[:, :trained.shape[1]] = trained
+            else:
+                metrics = self.trainer.train_step(mini, self.loss_fn)
             if metrics["skipped"]:
                 self._bad_update(step)
             else:
@@ -225,9 +256,9 @@ class Controller:
             updates += 1
         out = {(k if k.startswith("policy/") else f"policy/{k}"): v / max(updates, 1) for k, v in summed.items()}
         out["policy/updates"] = float(updates)
-        return out
+        return out, logprobs
 
-    def _rollout_metrics(self, trajectories, valid, timer, batch) -> dict:
+    def _rollout_metrics(self, trajectories, valid, timer, batch, trainer_logprobs) -> dict:
         lengths = torch.tensor([len(t.completion.token_ids) for t in trajectories], dtype=torch.float32)
         capped = sum(t.completion.finish_reason == "length" for t in trajectories)
         if capped == len(trajectories) and not self._warned_length_cap:
@@ -250,8 +281,10 @@ class Controller:
         for name in sorted({k for r in ok for k in r.components}):
             values = [r.components.get(name, 0.0) for r in ok]
             metrics[f"reward/{name}_mean"] = sum(values) / len(values)
-        # How far the sampler's log-probs are from the trainer's on the same tokens.
-        diff = (batch.rollout_logprobs - batch.old_logprobs).abs()[batch.loss_mask.bool()]
+        # How far the sampler's log-probs are from the trainer's on the same tokens
+        # (the trainer's before the update; None when the policy was frozen).
+        diff = torch.zeros(0) if trainer_logprobs is None else \
+            (batch.rollout_logprobs - trainer_logprobs).abs()[batch.loss_mask.bool()]
         if diff.numel():
             metrics["rollout/logprob_abs_diff_mean"] = diff.mean().item()
             metrics["rollout/logprob_abs_diff_max"] = diff.max().item()

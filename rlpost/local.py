@@ -63,8 +63,11 @@ class LocalTrainerGroup:
         parts = [engine.forward_logprobs(mb).logprobs for mb in batch.chunks(self.micro_batch_size)]
         return torch.cat(parts, dim=0) if parts else torch.zeros(tuple(batch.input_ids.shape))
 
-    def train_step(self, batch: TrainBatch, loss_fn: LossFn) -> dict[str, float]:
-        """One optimizer step over the whole ``batch`` (one rank: nothing to merge)."""
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn, return_logprobs: bool = False):
+        """One optimizer step over the whole ``batch`` (one rank: nothing to merge);
+        ``return_logprobs``: ``(metrics, the training forward's detached log-probs)``."""
+        if return_logprobs:
+            return self.engine.train_step(batch, loss_fn, self.micro_batch_size, return_logprobs=True)
         return self.engine.train_step(batch, loss_fn, self.micro_batch_size)
 
     def save(self, path: str) -> None:

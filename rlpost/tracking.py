@@ -29,6 +29,7 @@ CONSOLE_KEYS = [
     ("reward/mean", "reward"), ("eval/accuracy", "eval_acc"), ("policy/kl", "kl"),
     ("policy/entropy", "ent"), ("policy/clip_frac", "clip"), ("policy/grad_norm", "gnorm"),
     ("response/length_mean", "len"), ("timing/step_s", "step_s"),
+    ("perf/mfu", "mfu"), ("perf/tokens_per_s_per_device", "tok/s/dev"),
 ]
 
 
@@ -118,6 +119,8 @@ class Tracker:
         for key, label in CONSOLE_KEYS:
             if key in metrics and isinstance(metrics[key], (int, float)):
                 parts.append(f"{label}={metrics[key]:.4g}")
+        if "perf/old_logprob_pass" in metrics:  # rlpost.algorithms.on_policy
+            parts.append("old_lp=" + ("pass" if metrics["perf/old_logprob_pass"] else "reused"))
         timing = [f"{k.split('/')[1][:-2]}={v:.1f}s" for k, v in metrics.items()
                   if k.startswith("timing/") and k != "timing/step_s" and k.endswith("_s")]
         line = " | ".join(parts) + ("  [" + " ".join(timing) + "]" if timing else "")

@@ -7,12 +7,15 @@ components on a Ray cluster, runs the controller, exports ``final/``.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import functools
 import logging
 import os
 import shlex
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import yaml
@@ -23,6 +26,7 @@ from rlpost.config.schema import RunConfig
 from rlpost.errors import Preempted, RlpostError
 
 log = logging.getLogger("rlpost")
+_IMPORTED = time.perf_counter()  # about when the command started: start-up is reported from here
 
 
 def cache_root() -> Path:
@@ -52,28 +56,43 @@ def run(cfg: RunConfig) -> dict:
     # auto -> vllm or hf, decided here once, so every replica runs the same engine and
     # config.yaml records the one that ran.
     cfg.rollout.engine = resolve_rollout_engine(cfg.rollout.engine)
+    _resolve_threads(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    print(f"rlpost: run directory {out.resolve()}; rollout engine {cfg.rollout.engine}", flush=True)
+    print(f"rlpost: run directory {out.resolve()}; rollout engine {cfg.rollout.engine}; threads per trainer rank "
+          f"{cfg.trainer.threads}, per rollout replica {cfg.rollout.threads}", flush=True)
 
     # The built-in model is built once with its own fixed seed, not the run seed: a
     # different run seed should not cost a rebuild.
     model_path = resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(model_path)
     data_dir = cache_root() / "data"
-    train, train_report = load_prompts(cfg.data, tokenizer, "train", seed=cfg.seed, data_dir=data_dir)
-    val, val_report = load_prompts(cfg.data, tokenizer, "val", seed=cfg.seed, data_dir=data_dir)
-    print(f"rlpost: train data {train_report.summary()}; val data {val_report.summary()}", flush=True)
+
+    def load_data():
+        train, train_report = load_prompts(cfg.data, tokenizer, "train", seed=cfg.seed, data_dir=data_dir)
+        val, val_report = load_prompts(cfg.data, tokenizer, "val", seed=cfg.seed, data_dir=data_dir)
+        print(f"rlpost: train data {train_report.summary()}; val data {val_report.summary()}", flush=True)
+        return train, val
+
+    # Templating thousands of prompts, and building the model on the meta device to count
+    # its parameters, take seconds: done while Ray and the actors start.
+    background = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="rlpost-start")
+    data = background.submit(load_data)
+    n_params = background.submit(_matmul_params, cfg, model_path)
+    background.shutdown(wait=False)
 
     checkpoints = CheckpointManager(out / "checkpoints", cfg.trainer.keep_last)
     resume_from = resolve_resume(cfg.resume, checkpoints)
     state = read_state(resume_from) if resume_from else None
     if state and state.step >= cfg.trainer.total_steps and (out / "final").is_dir():
         print(f"rlpost: {out} already finished {state.step} steps; nothing to do", flush=True)
+        data.cancel()
+        n_params.cancel()
         return {}
 
     use_reference = cfg.algorithm.kl_coef > 0
+    peak = _peak(cfg)  # before any actor starts: it times the cores
     started = start_cluster(cfg)
     # After ray.init, which may install its own; a second Ctrl-C ends the Ray instance we started.
     stop_flag = _install_stop_handlers(kill_started_cluster if started else lambda: None)
@@ -98,7 +117,9 @@ def run(cfg: RunConfig) -> dict:
 
             envs = EnvPool(cfg.env, *env_factory(cfg), faults)
             groups.append(envs)
-        print(f"rlpost: rollout replica pids {rollout.pids()}", flush=True)
+        train, val = data.result()  # the actors keep loading meanwhile
+        # Asked for when the first controller is made, so the trainer need not wait for it.
+        step_perf = functools.cache(lambda: _step_perf(cfg, n_params.result(), *peak))
 
         # The trainer group, its weight-sync link and PPO's critic are built (and, after
         # a trainer or critic rank dies, rebuilt) by the supervisor; see rlpost.supervisor.
@@ -106,6 +127,9 @@ def run(cfg: RunConfig) -> dict:
             trainer = TrainerGroup(cfg, model_path, with_reference=use_reference, placement=placement)
             critic = None
             try:
+                # Waited for only now (no time limit: vLLM on a busy machine can take
+                # minutes), so the replicas loaded while the trainer did.
+                print(f"rlpost: rollout replica pids {rollout.pids()}", flush=True)
                 if placement is not None:  # CUDA IPC through vLLM's weight-transfer engine
                     from rlpost.workers.colocation import ColocatedWeightSync
 
@@ -126,12 +150,13 @@ def run(cfg: RunConfig) -> dict:
             return TrainerParts(trainer, weight_sync, critic)
 
         def make_controller(parts: TrainerParts) -> Controller:
+            print(f"rlpost: components ready {time.perf_counter() - _IMPORTED:.1f}s after start", flush=True)
             stream = PromptStream(train, cfg.data.train_batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
             return Controller(cfg, trainer=parts.trainer, rollout=rollout, rewards=rewards,
                               weight_sync=parts.weight_sync, stream=stream,
                               val_samples=val, tracker=tracker, checkpoints=checkpoints,
                               pad_id=tokenizer.pad_token_id, use_reference=use_reference, envs=envs,
-                              critic=parts.critic, faults=faults)
+                              critic=parts.critic, faults=faults, perf=step_perf())
 
         supervisor = TrainerSupervisor(build_trainer=build_trainer, make_controller=make_controller,
                                        checkpoints=checkpoints, tracker=tracker,
@@ -149,6 +174,49 @@ def run(cfg: RunConfig) -> dict:
         for group in reversed(groups):
             group.shutdown()
         stop_cluster(started)
+
+
+def _matmul_params(cfg: RunConfig, model_path: str) -> int:
+    from rlpost.perf import matmul_params
+
+    return matmul_params(model_path, cfg.model.trust_remote_code)
+
+
+def _peak(cfg: RunConfig) -> tuple[float, str, int]:
+    """(peak FLOP/s, how it was found, GPUs in use) for perf/mfu (rlpost.perf)."""
+    import torch
+
+    from rlpost.perf import peak_flops
+
+    gpus = 0
+    if torch.cuda.is_available():
+        gpus = cfg.trainer.world_size + (0 if cfg.rollout.colocate else cfg.rollout.replicas)
+    return (*peak_flops(cache_root() / "perf", gpus), gpus)
+
+
+def _step_perf(cfg: RunConfig, n_params: int, peak: float, how: str, gpus: int):
+    """perf/mfu's parameter count and peak (rlpost.perf), said once."""
+    from rlpost.perf import StepPerf, cpu_has_bf16
+
+    print(f"rlpost: perf/mfu = model FLOPs / (step time x peak); N = {n_params / 1e6:.2f}M matmul parameters, "
+          f"peak: {how}", flush=True)
+    if not gpus and not cpu_has_bf16():
+        note = ("model.dtype=bfloat16 will be emulated, several times slower: set model.dtype=float32"
+                if cfg.model.dtype == "bfloat16" else "computing in float32")
+        print(f"rlpost: this CPU has no bf16 units (AVX512-BF16/AMX); {note}", flush=True)
+    return StepPerf(n_params=n_params, peak=peak, devices=max(gpus, 1))
+
+
+def _resolve_threads(cfg: RunConfig) -> None:
+    """``trainer.threads`` / ``rollout.threads`` = 0 (auto) -> counts from this node's
+    cores, ``OMP_NUM_THREADS`` and the schedule (rlpost.threads), written into the
+    config that actors read and config.yaml records."""
+    from rlpost.threads import env_thread_cap, resolve_threads
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cfg.trainer.threads, cfg.rollout.threads = resolve_threads(
+        cfg.trainer.mode, cpus, cfg.trainer.world_size, cfg.rollout.replicas, cfg.trainer.threads, cfg.rollout.threads,
+        cap=env_thread_cap())
 
 
 def _install_stop_handlers(kill_cluster) -> threading.Event:

@@ -73,22 +73,26 @@ def _denominators(loss_agg: str, mb, norm_len: float) -> dict:
 
 def policy_loss_fn(spec: PolicyLossSpec, out, mb) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss and additive metrics for one micro-batch (``out: ModelOutput``,
-    ``mb: TrainBatch``); bind ``spec`` with functools.partial (``make_policy_loss_fn``)."""
+    ``mb: TrainBatch``); bind ``spec`` with functools.partial (``make_policy_loss_fn``).
+    ``mb.old_logprobs = None`` means "the detached ``out.logprobs``" (on-policy)."""
     mask = mb.loss_mask
     n = mb.global_num_tokens
     aggregate = functools.partial(LOSS_AGGREGATIONS[spec.loss_agg], **_denominators(spec.loss_agg, mb, spec.norm_len))
+    # None: the update is exactly on-policy (rlpost.algorithms.on_policy) and the "old"
+    # policy is this forward's, detached: ratio 1, same gradient as a separate pass.
+    old = mb.old_logprobs if mb.old_logprobs is not None else out.logprobs.detach()
     per_token, loss_metrics = POLICY_LOSSES[spec.policy_loss](
-        out.logprobs, mb.old_logprobs, mb.advantages, mask, **spec.loss_options())
+        out.logprobs, old, mb.advantages, mask, **spec.loss_options())
     tis_metrics = {}
     if spec.tis_cap is not None and mb.rollout_logprobs is not None:
-        weight, tis_metrics = truncated_is_weights(mb.old_logprobs, mb.rollout_logprobs, mask, spec.tis_cap, n)
+        weight, tis_metrics = truncated_is_weights(old, mb.rollout_logprobs, mask, spec.tis_cap, n)
         per_token = per_token * weight
     loss = aggregate(per_token, mask)
     metrics = {"policy/pg_loss": loss.item(), **tis_metrics}
     for name, value in loss_metrics.items():
         metrics[f"policy/{name}"] = token_mean(value, mask, n).item()
     # k3 between the policy being trained and the one that produced old_logprobs
-    metrics["policy/approx_kl_old"] = token_mean(kl_k3(out.logprobs.detach(), mb.old_logprobs), mask, n).item()
+    metrics["policy/approx_kl_old"] = token_mean(kl_k3(out.logprobs.detach(), old), mask, n).item()
     if mb.ref_logprobs is not None:
         kl = KL_ESTIMATORS[spec.kl_estimator](out.logprobs, mb.ref_logprobs)
         if spec.kl_loss_coef > 0:

@@ -92,6 +92,7 @@ class RolloutConfig:
     max_new_tokens: int = 64
     stop: list[str] = field(default_factory=list)
     batch_size: int = 64  # sequences one engine call generates at once (hf)
+    threads: int = 0  # math threads per replica; 0 = auto (rlpost.threads: the free cores in sync mode)
     # vllm only:
     kv_cache_gb: float = 1.0  # KV cache size per replica; 0 = from gpu_memory_utilization (GPU)
     gpu_memory_utilization: float = 0.5  # fraction of GPU memory vLLM may take when kv_cache_gb is 0
@@ -115,6 +116,7 @@ class RolloutConfig:
         _require(self.top_k == -1 or self.top_k >= 1, "rollout.top_k", "must be -1 (off) or >= 1")
         _require(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
         _require(self.batch_size >= 1, "rollout.batch_size", "must be >= 1")
+        _require(self.threads >= 0, "rollout.threads", f"must be >= 0 (0 = auto), got {self.threads}")
         _require(self.kv_cache_gb >= 0, "rollout.kv_cache_gb", f"must be >= 0 (0 = size from gpu_memory_utilization), got {self.kv_cache_gb}")
         _require(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
                  f"must be in (0, 1], got {self.gpu_memory_utilization}")
@@ -155,6 +157,7 @@ class TrainerConfig:
     mode: str = "sync"
     max_staleness: int = 1  # async: batches sampled more than this many versions ago are dropped
     async_buffer: int = 0  # async: batches sampled ahead of the trainer; 0 = max_staleness (none dropped)
+    threads: int = 0  # math threads per trainer (and critic) rank; 0 = auto (rlpost.threads)
 
     def check(self) -> None:
         _require(self.backend in ("fsdp2", "deepspeed"), "trainer.backend", f"must be fsdp2 or deepspeed, got {self.backend!r}")
@@ -182,6 +185,7 @@ class TrainerConfig:
         _require(self.max_staleness >= 1, "trainer.max_staleness",
                  f"must be >= 1 (a batch sampled while the trainer updates is 1 version old), got {self.max_staleness}")
         _require(self.async_buffer >= 0, "trainer.async_buffer", "must be >= 0 (0 = trainer.max_staleness)")
+        _require(self.threads >= 0, "trainer.threads", f"must be >= 0 (0 = auto), got {self.threads}")
 
 
 @dataclass

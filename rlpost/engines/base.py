@@ -36,13 +36,17 @@ class TrainEngine(Protocol):
         ``ModelOutput.values`` [B, T], no gradient. Their forward inside ``train_step``
         hands the loss function ``values`` (with gradient) and ``logprobs=None``."""
 
-    def train_step(self, batch: TrainBatch, loss_fn: LossFn, micro_batch_size: int) -> dict[str, float]:
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn, micro_batch_size: int, *,
+                   return_logprobs: bool = False):
         """One optimizer step on this rank's shard, accumulated over micro-batches.
 
         Returns the loss_fn metrics summed over micro-batches (not yet over ranks),
         plus ``grad_norm``, ``lr`` and ``skipped`` (1.0 when a non-finite loss or
         gradient made the engine skip the update), which are global: identical on
-        every rank.
+        every rank. With ``return_logprobs=True`` (policy engines), returns
+        ``(metrics, logprobs)``: the training forward's log-probs, detached, [B, T]
+        float32 on CPU in ``batch``'s row order, so the caller need not run a
+        separate forward for them (``rlpost.algorithms.on_policy``).
         """
 
     def named_weight_shapes(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:

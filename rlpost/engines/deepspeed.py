@@ -185,9 +185,11 @@ class DeepSpeedEngine:
                            entropy=microbatch.scatter_rows(entropy, shape) if with_entropy else None)
 
     # ---------------------------------------------------------------- train
-    def train_step(self, batch: TrainBatch, loss_fn: LossFn, micro_batch_size: int) -> dict[str, float]:
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn, micro_batch_size: int, *,
+                   return_logprobs: bool = False):
         """One optimizer step over this rank's shard; see TrainEngine.train_step and
-        the module docstring for how DeepSpeed is made to keep that contract."""
+        the module docstring for how DeepSpeed is made to keep that contract.
+        ``return_logprobs``: ``(metrics, the training forward's detached log-probs)``."""
         if self.engine is None:
             raise RuntimeError("train_step called on a frozen (trainable=False) DeepSpeedEngine")
         self.engine.train()
@@ -195,6 +197,7 @@ class DeepSpeedEngine:
         bad = torch.zeros((), device=self.device)
         mbs = self._micro_batches(batch, micro_batch_size)
         lr = self.optimizer.param_groups[0]["lr"]
+        seen = []  # (rows, detached log-probs) per micro-batch, for return_logprobs
         for i, mb in enumerate(mbs):
             last = i == len(mbs) - 1
             self.engine.set_gradient_accumulation_boundary(last)
@@ -202,7 +205,10 @@ class DeepSpeedEngine:
                 loss = self._forward(microbatch.dummy_batch(self.device), with_entropy=False).logprobs.sum() * 0.0
             else:
                 data = microbatch.to_device(mb.batch, self.device)
-                loss, mb_metrics = loss_fn(self._forward(data, with_entropy=True), data)
+                out = self._forward(data, with_entropy=True)
+                if return_logprobs:
+                    seen.append((mb.rows, out.logprobs.detach()))
+                loss, mb_metrics = loss_fn(out, data)
                 bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
                 for key, value in mb_metrics.items():
                     metrics[key] = metrics.get(key, 0.0) + float(value)
@@ -220,6 +226,8 @@ class DeepSpeedEngine:
         if not skipped:
             self.scheduler.step()
         metrics.update(grad_norm=grad_norm, lr=lr, skipped=float(skipped))
+        if return_logprobs:
+            return metrics, microbatch.scatter_rows(seen, tuple(batch.input_ids.shape))
         return metrics
 
     # -------------------------------------------------------------- weights

@@ -156,9 +156,15 @@ class FakeTrainEngine:
         return ModelOutput(logprobs=torch.cat([p.logprobs for p in parts]),
                            entropy=torch.cat([p.entropy for p in parts]) if with_entropy else None)
 
-    def train_step(self, batch: TrainBatch, loss_fn: LossFn, micro_batch_size: int) -> dict[str, float]:
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn, micro_batch_size: int, *,
+                   return_logprobs: bool = False):
         """Like FSDPEngine: a non-finite loss or gradient skips the update (no
-        optimizer step) and reports ``skipped=1.0``; the controller decides when to stop."""
+        optimizer step) and reports ``skipped=1.0``; the controller decides when to stop.
+        ``return_logprobs``: ``(metrics, the training forward's detached log-probs)``."""
+        if return_logprobs:
+            seen: list[torch.Tensor] = []
+            metrics = self.train_step(batch, _recording(loss_fn, seen), micro_batch_size)
+            return metrics, (torch.cat(seen) if seen else torch.zeros(tuple(batch.input_ids.shape)))
         self.optimizer.zero_grad(set_to_none=True)
         metrics: dict[str, float] = {}
         finite = True
@@ -197,6 +203,15 @@ class FakeTrainEngine:
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump({"model_type": "rlpost-fake-bigram", "vocab_size": self.vocab_size,
                        "note": "written by FakeTrainEngine; not loadable by transformers"}, f, indent=2)
+
+
+def _recording(loss_fn: LossFn, seen: list[torch.Tensor]) -> LossFn:
+    """``loss_fn`` that also keeps each micro-batch's log-probs, detached, in ``seen``."""
+    def record(out: ModelOutput, mb: TrainBatch):
+        seen.append(out.logprobs.detach())
+        return loss_fn(out, mb)
+
+    return record
 
 
 class FakeValueEngine(FakeTrainEngine):

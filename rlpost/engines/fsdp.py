@@ -257,13 +257,14 @@ class FSDPEngine:
             logits = logits / self.logit_temperature
         return sequence_logprobs(logits, mb.input_ids, mask, with_entropy)
 
-    def _train_micro_batches(self, batch: TrainBatch, size: int) -> list[TrainBatch | None]:
+    def _train_micro_batches(self, batch: TrainBatch, size: int) -> list[microbatch.MicroBatch | None]:
         """Micro-batches for train_step: ``size`` rows, or a token budget
         (``trainer.max_tokens_per_microbatch``), each trimmed to its longest row; the
-        row order does not matter to a summed loss, so they need not stay in order."""
+        row order does not matter to a summed loss, so they need not stay in order
+        (``MicroBatch.rows`` says where each row came from)."""
         cfg = self.trainer_cfg
         parts = microbatch.split(batch, size, cfg.max_tokens_per_microbatch, cfg.packing) if batch.size else []
-        return microbatch.pad_count([p.batch for p in parts], self.device)
+        return microbatch.pad_count(parts, self.device)
 
     def _micro_batches(self, batch: TrainBatch, size: int) -> list[TrainBatch | None]:
         """Chunks of ``batch``, padded with ``None`` (a dummy forward) up to the largest
@@ -328,13 +329,15 @@ class FSDPEngine:
                            else torch.zeros(tuple(batch.input_ids.shape), dtype=torch.float32))
 
     # ---------------------------------------------------------------- train
-    def train_step(self, batch: TrainBatch, loss_fn: LossFn, micro_batch_size: int) -> dict[str, float]:
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn, micro_batch_size: int, *,
+                   return_logprobs: bool = False):
         """One optimizer step over this rank's shard; see TrainEngine.train_step.
 
         A non-finite loss on any rank, or a non-finite global grad norm, skips the
         update on every rank (gradients dropped, no optimizer or scheduler step) and
         reports ``skipped = 1.0``; otherwise ``skipped = 0.0``. ``lr`` is the rate this
-        step used (or would have used).
+        step used (or would have used). ``return_logprobs``: also the training
+        forward's log-probs, detached ([B, T] float32 CPU): ``(metrics, logprobs)``.
         """
         if self.optimizer is None:
             raise RuntimeError("train_step called on a frozen (trainable=False) FSDPEngine")
@@ -342,13 +345,17 @@ class FSDPEngine:
         self.optimizer.zero_grad(set_to_none=True)
         metrics: dict[str, float] = {}
         bad_loss = torch.zeros((), device=self.device)
-        for mb in self._train_micro_batches(batch, micro_batch_size):
-            if mb is None:  # keeps FSDP collectives in step; contributes zero gradient
+        seen = []  # (rows, detached log-probs) per micro-batch, for return_logprobs
+        for part in self._train_micro_batches(batch, micro_batch_size):
+            if part is None:  # keeps FSDP collectives in step; contributes zero gradient
                 out = self._forward(self._dummy_batch(), with_entropy=False)
                 (out.values if self.head == "value" else out.logprobs).sum().mul(0.0).backward()
                 continue
-            mb = self._to_device(mb)
-            loss, mb_metrics = loss_fn(self._forward(mb, with_entropy=True), mb)
+            mb = self._to_device(part.batch)
+            out = self._forward(mb, with_entropy=True)
+            if return_logprobs:
+                seen.append((part.rows, out.logprobs.detach()))
+            loss, mb_metrics = loss_fn(out, mb)
             # Backward even when the loss is bad: FSDP reduce-scatters in backward and
             # the other ranks are waiting for it.
             loss.backward()
@@ -370,6 +377,8 @@ class FSDPEngine:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         metrics.update(grad_norm=grad_norm, lr=lr, skipped=float(skipped))
+        if return_logprobs:
+            return metrics, microbatch.scatter_rows(seen, tuple(batch.input_ids.shape))
         return metrics
 
     def _global_grad_norm(self) -> float:

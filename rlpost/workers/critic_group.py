@@ -35,7 +35,6 @@ class CriticActor:
     def __init__(self, rank: int, world_size: int):
         self.rank, self.world_size = rank, world_size
         self.engine = None
-        torch.set_num_threads(1)
         quiet_actor_logs()
 
     def pid(self) -> int:
@@ -54,6 +53,7 @@ class CriticActor:
         os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]),
                           RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
         init_default_group(master[0], master[1], self.rank, self.world_size)
+        torch.set_num_threads(cfg.trainer.threads or 1)  # as a trainer rank (rlpost.threads)
         torch.manual_seed(cfg.seed)
         self.engine = FSDPEngine(model_path, cfg.model, critic_trainer_config(cfg), trainable=True,
                                  seed=cfg.seed, head="value")

@@ -38,9 +38,11 @@ class RolloutActor:
     def __init__(self, cfg: RunConfig, model_path: str, replica: int):
         from rlpost.engines import make_rollout_engine
 
-        torch.set_num_threads(1)
+        threads = cfg.rollout.threads or 1  # resolved by rlpost.threads in rlpost.train
+        torch.set_num_threads(threads)
         quiet_actor_logs()
         self.engine = make_rollout_engine(cfg, model_path, seed=cfg.seed + 1000 * replica)
+        torch.set_num_threads(threads)  # after the engine: vLLM's CPU worker sets its own
         self.replica = replica
         self.receiver = None
 

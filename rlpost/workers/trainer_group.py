@@ -28,7 +28,6 @@ class TrainerActor:
     def __init__(self, rank: int, world_size: int):
         self.rank, self.world_size = rank, world_size
         self.policy = self.reference = self.sender = None
-        torch.set_num_threads(1)
         quiet_actor_logs()
 
     def pid(self) -> int:
@@ -48,6 +47,7 @@ class TrainerActor:
         os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]),
                           RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
         init_default_group(master[0], master[1], self.rank, self.world_size)
+        torch.set_num_threads(cfg.trainer.threads or 1)  # resolved by rlpost.threads in rlpost.train
         torch.manual_seed(cfg.seed)
         self._bucket_bytes = int(cfg.weight_sync.bucket_mb * 2**20)
         temperature = cfg.rollout.temperature
@@ -61,8 +61,8 @@ class TrainerActor:
         engine = self.reference if reference else self.policy
         return engine.forward_logprobs(shard, micro_batch_size=micro_batch_size).logprobs
 
-    def train_step(self, shard: TrainBatch, loss_fn, micro_batch_size: int) -> dict[str, float]:
-        return self.policy.train_step(shard, loss_fn, micro_batch_size)
+    def train_step(self, shard: TrainBatch, loss_fn, micro_batch_size: int, return_logprobs: bool = False):
+        return self.policy.train_step(shard, loss_fn, micro_batch_size, return_logprobs=return_logprobs)
 
     # --- weight sync: rank 0 sends, the others take part in the gathers only ---
     def weight_sync_init(self, world_size: int, timeout_s: float, bucket_mb: int) -> tuple[str, int] | None:
@@ -164,10 +164,14 @@ class TrainerGroup:
         parts = self._sharded("forward_logprobs", batch, reference, self.cfg.trainer.micro_batch_size)
         return torch.cat(parts, dim=0)
 
-    def train_step(self, batch: TrainBatch, loss_fn) -> dict[str, float]:
+    def train_step(self, batch: TrainBatch, loss_fn, return_logprobs: bool = False):
         """One optimizer step over ``batch`` sharded across ranks. Additive metrics are
-        summed over ranks; ``grad_norm``/``lr``/``skipped`` are global and taken once."""
-        return merge_rank_metrics(self._sharded("train_step", batch, loss_fn, self.cfg.trainer.micro_batch_size))
+        summed over ranks; ``grad_norm``/``lr``/``skipped`` are global and taken once.
+        ``return_logprobs``: ``(metrics, [B, T] detached training-forward log-probs)``."""
+        per_rank = self._sharded("train_step", batch, loss_fn, self.cfg.trainer.micro_batch_size, return_logprobs)
+        if not return_logprobs:
+            return merge_rank_metrics(per_rank)
+        return merge_rank_metrics([m for m, _ in per_rank]), torch.cat([lp for _, lp in per_rank], dim=0)
 
     # --- weight sync (see rlpost.weight_sync for the contract) ---
     def weight_sync_init(self, world_size: int) -> tuple[str, int]:

@@ -55,7 +55,9 @@ def _gather_rows(t: torch.Tensor, world: int) -> torch.Tensor:
 def _run_backend(engine, shard, world, ckpt) -> dict:
     res = {"logprobs": _gather_rows(engine.forward_logprobs(shard).logprobs, world),
            "weights0": _full_weights(engine)}
-    res["step1"] = _sum_over_ranks(engine.train_step(shard, token_mean_loss, MICRO))
+    step1, train_logprobs = engine.train_step(shard, token_mean_loss, MICRO, return_logprobs=True)
+    res["step1"] = _sum_over_ranks(step1)
+    res["train_logprobs"] = _gather_rows(train_logprobs, world)
     res["weights1"] = _full_weights(engine)
     if ckpt:
         engine.save(ckpt)
@@ -118,6 +120,17 @@ def runs(model_dir, tmp_path_factory) -> dict[str, dict]:
     res = {name: torch.load(os.path.join(out_dir, f"{name}.pt"), weights_only=False) for name in ("w1", "w2")}
     res["out_dir"] = out_dir
     return res
+
+
+def test_train_step_returns_its_forwards_logprobs_in_row_order(runs):
+    """The on-policy path's "old" log-probs: the training forward's, detached, back in
+    the shard's row order even when a token budget sorted the rows longest first."""
+    for world in ("w1", "w2"):
+        for name, run in runs[world].items():
+            if "train_logprobs" in run:
+                torch.testing.assert_close(run["train_logprobs"], run["logprobs"], atol=1e-5, rtol=0,
+                                           msg=lambda m: f"{world} {name}: {m}")
+    assert "train_logprobs" in runs["w1"]["fsdp2_budget_packed"]
 
 
 @pytest.mark.parametrize("world", ["w1", "w2"])

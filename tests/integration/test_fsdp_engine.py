@@ -173,7 +173,11 @@ def _worker_train(rank, world, model_dir, out_dir, name, checkpointing, load_fro
     dist.all_gather(parts, out.logprobs)
     res["logprobs"] = torch.cat(parts)
     res["weights0"] = _full_weights(engine)
-    res["step1"] = _sum_over_ranks(engine.train_step(shard, token_mean_loss, MICRO))
+    step1, train_logprobs = engine.train_step(shard, token_mean_loss, MICRO, return_logprobs=True)
+    res["step1"] = _sum_over_ranks(step1)
+    parts = [torch.empty_like(train_logprobs) for _ in range(world)]
+    dist.all_gather(parts, train_logprobs)
+    res["train_logprobs"] = torch.cat(parts)
     res["weights1"] = _full_weights(engine)
     engine.save(os.path.join(out_dir, f"ckpt_{name}"))
     res["optim1"] = _full_optimizer_state(engine)
@@ -285,6 +289,14 @@ def test_logprobs_match_plain_hf_forward(runs, reference):
         lp = runs[name]["logprobs"]
         torch.testing.assert_close(lp, reference["logprobs"], atol=1e-5, rtol=0)
         assert (lp[:, 0] == 0).all() and (lp[batch.attention_mask == 0] == 0).all()
+
+
+def test_train_step_returns_its_forwards_logprobs(runs, reference):
+    """return_logprobs: the training forward's log-probs (train mode, gradient
+    checkpointing in w2), detached, equal to a no-grad forward before the update."""
+    for name in ("w1", "w2"):
+        torch.testing.assert_close(runs[name]["train_logprobs"], reference["logprobs"], atol=1e-5, rtol=0)
+        assert not runs[name]["train_logprobs"].requires_grad
 
 
 def test_two_ranks_match_one_rank_and_plain_torch(runs, reference):

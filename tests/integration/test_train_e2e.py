@@ -49,6 +49,8 @@ def test_two_steps_through_ray_then_resume(tmp_path):
         assert math.isfinite(row["policy/grad_norm"]) and row["policy/skipped"] == 0.0
         assert 0.0 <= row["reward/mean"] <= 1.0
         assert row["rollout/policy_version"] == row["step"] - 1
+        # Model FLOPs over the node's measured peak: a fraction, never above it.
+        assert 0.0 < row["perf/mfu"] < 1.0 and row["perf/tokens_per_s_per_device"] > 0
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_000002"
 
     from transformers import AutoModelForCausalLM, AutoTokenizer

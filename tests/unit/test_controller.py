@@ -258,7 +258,7 @@ def test_overlong_filter_trains_only_completions_that_stopped(tmp_path):
     controller = build(cfg, make_samples())
     trained = []
     train_step = controller.trainer.train_step
-    controller.trainer.train_step = lambda batch, loss_fn: trained.append(batch) or train_step(batch, loss_fn)
+    controller.trainer.train_step = lambda batch, loss_fn, **kw: trained.append(batch) or train_step(batch, loss_fn, **kw)
     controller.step(1)
     completions = [c for group in controller.rollout.calls[-1] for c in group]
     reasons = {c.finish_reason for c in completions}

@@ -44,11 +44,11 @@ class DyingTrainer(LocalTrainerGroup):
         super().__init__(engine, **kwargs)
         self.die_at, self.calls, self.killed = die_at, 0, False
 
-    def train_step(self, batch, loss_fn):
+    def train_step(self, batch, loss_fn, **kwargs):
         self.calls += 1
         if self.calls == self.die_at:
             raise TrainerLost("trainer.train_step: an actor died (ActorDiedError)")
-        return super().train_step(batch, loss_fn)
+        return super().train_step(batch, loss_fn, **kwargs)
 
     def kill(self) -> None:
         self.killed = True
