@@ -77,11 +77,14 @@ class ColocatedWeightSync:
         self.trainer, self.rollout, self.timeout_s = trainer, rollout, timeout_s
         self.phases = MemoryPhases(sleep=lambda: self._replicas("sleep"),
                                    wake=lambda tags: self._replicas("wake_up", tags))
+        self.version: int | None = None  # last pushed; None: replicas hold the initial weights
+        rollout.set_resync(self.resync)
 
     def _replicas(self, method: str, *args) -> None:
         wait([getattr(a, method).remote(*args) for a in self.rollout.actors], self.timeout_s, f"rollout.{method}")
 
     def push(self, version: int) -> None:
+        self.version = version
         client = ReplicaClient(self.rollout.actors, self.timeout_s, version)
         self.phases.sync(lambda: wait([a.ipc_send_weights.remote(client) for a in self.trainer.actors],
                                       self.timeout_s, f"colocated weight sync of version {version}"))
@@ -90,3 +93,12 @@ class ColocatedWeightSync:
         if stale:
             raise WorkerError(f"colocated weight sync of version {version}: replicas {stale} serve "
                               f"{[served[i] for i in stale]}")
+
+    def resync(self) -> None:
+        """Called by the rollout group after it replaced replicas (during ``generate``,
+        so every replica is awake). A replacement holds the initial weights and has no
+        IPC receiver: every trainer rank drops its IPC engine, so the push re-creates it
+        and initialises every replica's receiver, then the current version is pushed."""
+        wait([a.reset_ipc.remote() for a in self.trainer.actors], self.timeout_s, "colocated weight sync reset")
+        if self.version is not None:
+            self.push(self.version)

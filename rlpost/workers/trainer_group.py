@@ -102,6 +102,10 @@ class TrainerActor:
         self._ipc.client = client  # carries this push's version
         self._ipc.send_weights()
 
+    def reset_ipc(self) -> None:
+        """Forget the IPC engine (replicas were replaced): the next push builds a new one."""
+        self._ipc = None
+
     def save(self, path: str) -> None:
         from rlpost.utils import rng
 
