@@ -12,7 +12,7 @@ alternating them ``--repeats`` times after one warm-up of each:
 - **rlpost**: one ``WeightSender.send`` of a Qwen2-shaped set of tensors to
   ``--receivers`` ``WeightReceiver`` processes, each loading the stream into its
   own preallocated model-shaped tensors as an engine's in-place load does
-  (``--load land``: it offers those tensors to the stream with ``land_in``, as
+  (``--load land``: it offers those tensors to the stream with ``load_into``, as
   ``HFRolloutEngine.update_weights`` does, and ``copy_``s whatever did not land
   there; ``--load copy``: it only ``copy_``s every yielded tensor, as an engine
   whose storage cannot take the wire format does).
@@ -101,8 +101,8 @@ def _receiver(rank: int, world: int, port: int, shapes, bucket_mb: float, rounds
                     _bare(receiver, flat)
                 else:
                     stream = receiver.receive(plan, i + 1)
-                    if load == "land" and hasattr(stream, "land_in"):
-                        stream.land_in(model)
+                    if load == "land" and hasattr(stream, "load_into"):
+                        stream.load_into(model)
                     for name, tensor in stream:
                         target = model[name]
                         if tensor.data_ptr() != target.data_ptr():
