@@ -42,17 +42,15 @@ One sync, to policy version v:
    buffer. A receiver has buckets i and i + 1 posted while its consumer loads
    bucket i.
 
-Receiving (``receive`` returns a ``WeightStream``, an iterator of ``(name,
-tensor)`` in plan order). By default every bucket arrives in fresh memory and the
+Receiving. ``receive`` returns a ``WeightStream`` of ``(name, tensor)`` in plan
+order, on ``wire_device``. By default each bucket arrives in fresh memory and the
 consumer may keep the tensors (vLLM's loader holds a layer's tensors until the
 layer is complete). A consumer that copies each tensor as it comes (an in-place
-load) calls ``stream.load_into(targets)`` before iterating, with ``targets`` a
-mapping from name to the engine's own tensors: a tensor that travels alone and
-whose target has its shape and dtype, is contiguous and lives on the wire device
-is received straight into the target, and the stream yields the target itself
-(nothing left to copy); the other tensors are views into two staging buffers that
-are reused, so each is valid only until the stream moves past its bucket. The
-stream's tensors live on ``wire_device``.
+load) first calls ``stream.load_into(targets)`` (name -> its own tensors): a
+tensor travelling alone whose target has its shape and dtype, is contiguous and
+lives on the wire device is received straight into the target, and the stream
+yields the target itself; the others are views into two reused staging buffers,
+valid only until the stream moves past their bucket.
 
 Versions. The sync layer holds no version itself: a replica holds version v once
 ``update_weights`` has consumed the whole stream; until then it still holds the
@@ -60,13 +58,13 @@ previous version (the caller must not generate mid-sync; with ``load_into`` the
 engine's tensors are written while the stream runs). The trainer's weights are
 version v as soon as ``send`` is called.
 
-Memory. The sender keeps two staging buffers, each the size of the plan's largest
-packed bucket (at most ``bucket_mb``; tensors of ``alone_mb`` or more are never
-packed), allocated at the first sync and reused until ``close``; it also holds up
-to two of the trainer's tensors while they are on the wire (zero-copy). A
-receiver with ``load_into`` keeps two staging buffers the size of the largest
-bucket that cannot land in a target (in practice the packed buckets); without it,
-each bucket gets fresh memory, two in flight plus whatever the consumer keeps.
+Memory. The sender keeps two staging buffers the size of the plan's largest packed
+bucket (at most ``bucket_mb``; tensors of ``alone_mb`` or more are never packed),
+reused from the first sync until ``close``, and holds up to two of the trainer's
+tensors while they are on the wire (zero-copy). A receiver with ``load_into``
+keeps two staging buffers the size of the largest bucket that cannot land in a
+target; without it, each bucket gets fresh memory (two in flight, plus whatever
+the consumer keeps).
 
 Failure. Any collective that does not finish within ``timeout_s`` (a dead replica,
 a sender that never sends, an unconsumed stream) raises ``WorkerError``; the
@@ -75,7 +73,7 @@ sender and receivers are then unusable and must be re-created on a fresh port. I
 collective in ``named_full_weights`` stays in step on all ranks. Closing an
 endpoint with a broadcast in flight waits for it to finish or time out. On NCCL a
 timeout is enforced by the NCCL watchdog, which by default tears the process down
-rather than raising (tested only where CUDA exists).
+rather than raising (no test covers an NCCL timeout).
 """
 
 from __future__ import annotations
