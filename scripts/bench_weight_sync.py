@@ -87,11 +87,12 @@ def _order(i: int) -> tuple[str, str]:
     return ("bare", "rlpost") if i % 2 == 0 else ("rlpost", "bare")  # alternate, so drift hits both
 
 
-def _receiver(rank: int, world: int, port: int, shapes, bucket_mb: float, rounds: int, load: str, ready) -> None:
+def _receiver(rank: int, world: int, port: int, shapes, bucket_mb: float, alone_mb: float, rounds: int, load: str,
+              ready) -> None:
     torch.set_num_threads(1)
     model = {name: torch.zeros(shape, dtype=dtype) for name, shape, dtype in shapes}
     flat = torch.zeros(sum(t.numel() * t.element_size() for t in model.values()), dtype=torch.uint8)
-    plan = make_plan(shapes, bucket_mb)
+    plan = make_plan(shapes, bucket_mb, alone_mb)
     with WeightReceiver("127.0.0.1", port, rank, world, timeout_s=600) as receiver:
         ready.put(rank)
         for i in range(rounds):
@@ -118,16 +119,17 @@ def _weight(name: str, shape, version: int) -> torch.Tensor:
     return torch.rand(shape, generator=g)
 
 
-def bench(params_m: float, receivers: int, bucket_mb: float, repeats: int, load: str, profile: bool) -> dict:
+def bench(params_m: float, receivers: int, bucket_mb: float, alone_mb: float, repeats: int, load: str,
+          profile: bool) -> dict:
     shapes = qwen2_like_shapes(params_m)
     weights = {name: torch.randn(shape, dtype=dtype) for name, shape, dtype in shapes}
     nbytes = sum(t.numel() * t.element_size() for t in weights.values())
     flat = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
-    plan = make_plan(shapes, bucket_mb)
+    plan = make_plan(shapes, bucket_mb, alone_mb)
     port, world, rounds = free_loopback_port(), receivers + 1, repeats + 1
     ctx = mp.get_context("spawn")
     ready = ctx.Queue()
-    procs = [ctx.Process(target=_receiver, args=(r, world, port, shapes, bucket_mb, rounds, load, ready))
+    procs = [ctx.Process(target=_receiver, args=(r, world, port, shapes, bucket_mb, alone_mb, rounds, load, ready))
              for r in range(1, world)]
     for p in procs:
         p.start()
@@ -167,7 +169,7 @@ def bench(params_m: float, receivers: int, bucket_mb: float, repeats: int, load:
         raise SystemExit(f"receivers did not end with the sent weights: {checks}")
     bare, ours = statistics.median(times["bare"][1:]), statistics.median(times["rlpost"][1:])
     return {"params_m": sum(torch.Size(s).numel() for _, s, _ in shapes) / 1e6, "gb": nbytes / 1e9,
-            "receivers": receivers, "bucket_mb": bucket_mb, "buckets": len(plan.buckets),
+            "receivers": receivers, "bucket_mb": bucket_mb, "alone_mb": alone_mb, "buckets": len(plan.buckets),
             "bare_s": bare, "sync_s": ours, "ratio": bare / ours}
 
 
@@ -176,21 +178,23 @@ def main() -> None:
     parser.add_argument("--params-m", type=float, nargs="+", default=[50, 200])
     parser.add_argument("--receivers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--bucket-mb", type=float, nargs="+", default=[64])
+    parser.add_argument("--alone-mb", type=float, nargs="+", default=[1.0],
+                        help="tensors of at least this many MiB travel alone (make_plan's alone_mb)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--load", choices=("land", "copy"), default="land")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"load={args.load}")
-    print("| params (M) | size (GB fp32) | receivers | bucket MB | buckets | bare s | bare GB/s | rlpost s | "
+    print("| params (M) | size (GB fp32) | receivers | bucket MB | alone MB | buckets | bare s | bare GB/s | rlpost s | "
           "rlpost GB/s | rlpost/bare |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for params_m in args.params_m:
         for receivers in args.receivers:
-            for bucket_mb in args.bucket_mb:
-                r = bench(params_m, receivers, bucket_mb, args.repeats, args.load, args.profile)
+            for bucket_mb, alone_mb in [(b, a) for b in args.bucket_mb for a in args.alone_mb]:
+                r = bench(params_m, receivers, bucket_mb, alone_mb, args.repeats, args.load, args.profile)
                 print(f"| {r['params_m']:.1f} | {r['gb']:.3f} | {r['receivers']} | {r['bucket_mb']:g} | "
-                      f"{r['buckets']} | {r['bare_s']:.3f} | {r['gb'] / r['bare_s']:.2f} | {r['sync_s']:.3f} | "
+                      f"{r['alone_mb']:g} | {r['buckets']} | {r['bare_s']:.3f} | {r['gb'] / r['bare_s']:.2f} | {r['sync_s']:.3f} | "
                       f"{r['gb'] / r['sync_s']:.2f} | {r['ratio']:.2f} |", flush=True)
 
 
