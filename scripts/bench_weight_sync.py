@@ -1,18 +1,31 @@
-"""Weight sync throughput: trainer rank 0 -> rollout replicas over the sync group.
+"""Weight sync throughput beside the bare wire: trainer rank 0 -> rollout replicas.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_weight_sync.py
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_weight_sync.py --params-m 10 50 200 --receivers 1 2 --bucket-mb 64
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_weight_sync.py --params-m 50 200 --receivers 1 --bucket-mb 64
 
-What is timed: one ``WeightSender.send`` to ``--receivers`` ``WeightReceiver`` processes,
-each consuming the stream into preallocated model-shaped tensors (``copy_``, as an
-engine's in-place load does), from the handshake to the last receiver done; median of
-``--repeats`` syncs after one warm-up. The weights are a Qwen2-shaped set of fp32
-tensors (embedding, per-layer attention/MLP matrices, norms) scaled to about
-``--params-m`` million parameters, so bucket packing sees realistic tensor sizes.
-GB/s is model bytes / sync time (each receiver gets all of them: a broadcast).
-Transport is gloo over loopback on this CPU; on GPUs the same code uses NCCL.
-What it does not include: gathering FSDP shards on the trainer
-(``named_full_weights``) and the rollout engine's own reload (vLLM repacks CPU weights).
+For each size, one invocation times two things over the *same* process group (the
+sync group rlpost builds: same processes, same gloo/NCCL transport, same sockets),
+alternating them ``--repeats`` times after one warm-up of each:
+
+- **bare**: one ``broadcast`` of a single flat tensor holding the model's total
+  bytes, from a preallocated tensor into preallocated tensors: the wire's speed.
+- **rlpost**: one ``WeightSender.send`` of a Qwen2-shaped set of tensors to
+  ``--receivers`` ``WeightReceiver`` processes, each loading the stream into its
+  own preallocated model-shaped tensors as an engine's in-place load does
+  (``--load land``: it offers those tensors to the stream with ``load_into``, as
+  ``HFRolloutEngine.update_weights`` does, and ``copy_``s whatever did not land
+  there; ``--load copy``: it only ``copy_``s every yielded tensor, as an engine
+  whose storage cannot take the wire format does).
+
+Each timing runs from a barrier to a barrier (a one-element all-reduce after the
+last receiver is done), so both include the same synchronisation. Reported: median
+seconds, GB/s (model bytes / time; each receiver gets all of them) and the ratio
+rlpost / bare. The weights are fp32 tensors of a Qwen2-style model (embedding,
+per-layer attention/MLP matrices, norms) scaled to about ``--params-m`` M
+parameters, so bucket packing sees realistic tensor sizes. ``--profile`` also
+prints where the sender's time goes (cProfile, one sync). Not included: gathering
+FSDP shards on the trainer (``named_full_weights``) and vLLM's own reload (it
+repacks CPU weights).
 """
 
 from __future__ import annotations
@@ -23,6 +36,7 @@ import socket
 import statistics
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -58,67 +72,130 @@ def qwen2_like_shapes(params_m: float) -> list[tuple[str, tuple[int, ...], torch
         hidden += 64
 
 
-def _receiver(rank: int, world: int, port: int, shapes, bucket_mb: float, syncs: int, ready) -> None:
+def _barrier(endpoint) -> None:
+    """A one-element all-reduce on the sync group itself (every rank leaves after all arrived)."""
+    t = torch.zeros(1)
+    endpoint._require().pg.allreduce([t]).wait()
+
+
+def _bare(endpoint, flat: torch.Tensor) -> None:
+    """The wire alone: one broadcast of one preallocated flat tensor, on the sync group's own pg."""
+    endpoint._require().pg.broadcast(flat, 0).wait()
+
+
+def _order(i: int) -> tuple[str, str]:
+    return ("bare", "rlpost") if i % 2 == 0 else ("rlpost", "bare")  # alternate, so drift hits both
+
+
+def _receiver(rank: int, world: int, port: int, shapes, bucket_mb: float, alone_mb: float, rounds: int, load: str,
+              ready) -> None:
     torch.set_num_threads(1)
-    model = {name: torch.empty(shape, dtype=dtype) for name, shape, dtype in shapes}
-    plan = make_plan(shapes, bucket_mb)
+    model = {name: torch.zeros(shape, dtype=dtype) for name, shape, dtype in shapes}
+    flat = torch.zeros(sum(t.numel() * t.element_size() for t in model.values()), dtype=torch.uint8)
+    plan = make_plan(shapes, bucket_mb, alone_mb)
     with WeightReceiver("127.0.0.1", port, rank, world, timeout_s=600) as receiver:
         ready.put(rank)
-        for version in range(1, syncs + 1):
-            for name, tensor in receiver.receive(plan, version):
-                model[name].copy_(tensor)
+        for i in range(rounds):
+            for what in _order(i):
+                _barrier(receiver)
+                if what == "bare":
+                    _bare(receiver, flat)
+                else:
+                    stream = receiver.receive(plan, i + 1)
+                    if load == "land" and hasattr(stream, "load_into"):
+                        stream.load_into(model)
+                    for name, tensor in stream:
+                        target = model[name]
+                        if tensor.data_ptr() != target.data_ptr():
+                            target.copy_(tensor)
+                _barrier(receiver)
+        # honesty check: the model tensors hold what the sender sent last
+        ok = all(torch.equal(t, _weight(name, t.shape, rounds)) for name, t in list(model.items())[:4])
+        ready.put(("check", rank, ok))
 
 
-def bench(params_m: float, receivers: int, bucket_mb: float, repeats: int) -> dict:
+def _weight(name: str, shape, version: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(zlib.crc32(f"{name}/{version}".encode()))  # same in every process
+    return torch.rand(shape, generator=g)
+
+
+def bench(params_m: float, receivers: int, bucket_mb: float, alone_mb: float, repeats: int, load: str,
+          profile: bool) -> dict:
     shapes = qwen2_like_shapes(params_m)
     weights = {name: torch.randn(shape, dtype=dtype) for name, shape, dtype in shapes}
     nbytes = sum(t.numel() * t.element_size() for t in weights.values())
-    plan = make_plan(shapes, bucket_mb)
-    port, world, syncs = free_loopback_port(), receivers + 1, repeats + 1
+    flat = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
+    plan = make_plan(shapes, bucket_mb, alone_mb)
+    port, world, rounds = free_loopback_port(), receivers + 1, repeats + 1
     ctx = mp.get_context("spawn")
     ready = ctx.Queue()
-    procs = [ctx.Process(target=_receiver, args=(r, world, port, shapes, bucket_mb, syncs, ready))
+    procs = [ctx.Process(target=_receiver, args=(r, world, port, shapes, bucket_mb, alone_mb, rounds, load, ready))
              for r in range(1, world)]
     for p in procs:
         p.start()
-    times = []
+    times: dict[str, list[float]] = {"bare": [], "rlpost": []}
+    checks = []
     try:
         with WeightSender("127.0.0.1", port, world, timeout_s=600, bucket_mb=bucket_mb) as sender:
             for _ in range(receivers):
                 ready.get(timeout=120)
-            for version in range(1, syncs + 1):
-                t0 = time.perf_counter()
-                sender.send(iter(weights.items()), plan, version)
-                # the handshake of the next sync (or the join below) waits for the receivers;
-                # the last bucket's broadcast returns only once every receiver has it.
-                times.append(time.perf_counter() - t0)
+            for i in range(rounds):
+                if i == rounds - 1:  # the last round sends checkable weights
+                    weights = {name: _weight(name, t.shape, rounds) for name, t in weights.items()}
+                for what in _order(i):
+                    _barrier(sender)
+                    t0 = time.perf_counter()
+                    if what == "bare":
+                        _bare(sender, flat)
+                    elif profile and i == 1:
+                        import cProfile
+                        import pstats
+
+                        with cProfile.Profile() as prof:
+                            sender.send(iter(weights.items()), plan, i + 1)
+                        pstats.Stats(prof).sort_stats("tottime").print_stats(8)
+                    else:
+                        sender.send(iter(weights.items()), plan, i + 1)
+                    _barrier(sender)  # every receiver has loaded everything
+                    times[what].append(time.perf_counter() - t0)
+            for _ in range(receivers):
+                checks.append(ready.get(timeout=120))
     finally:
         for p in procs:
             p.join(timeout=120)
             if p.is_alive():
                 p.kill()
-    t = statistics.median(times[1:])
+    if not all(ok for _, _, ok in checks):
+        raise SystemExit(f"receivers did not end with the sent weights: {checks}")
+    bare, ours = statistics.median(times["bare"][1:]), statistics.median(times["rlpost"][1:])
     return {"params_m": sum(torch.Size(s).numel() for _, s, _ in shapes) / 1e6, "gb": nbytes / 1e9,
-            "receivers": receivers, "bucket_mb": bucket_mb, "buckets": len(plan.buckets),
-            "sync_s": t, "gb_per_s": nbytes / 1e9 / t}
+            "receivers": receivers, "bucket_mb": bucket_mb, "alone_mb": alone_mb, "buckets": len(plan.buckets),
+            "bare_s": bare, "sync_s": ours, "ratio": bare / ours}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params-m", type=float, nargs="+", default=[10, 50, 200])
+    parser.add_argument("--params-m", type=float, nargs="+", default=[50, 200])
     parser.add_argument("--receivers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--bucket-mb", type=float, nargs="+", default=[64])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--alone-mb", type=float, nargs="+", default=[1.0],
+                        help="tensors of at least this many MiB travel alone (make_plan's alone_mb)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--load", choices=("land", "copy"), default="land")
+    parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print("| params (M) | size (GB fp32) | receivers | bucket MB | buckets | sync s | GB/s |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"load={args.load}")
+    print("| params (M) | size (GB fp32) | receivers | bucket MB | alone MB | buckets | bare s | bare GB/s | rlpost s | "
+          "rlpost GB/s | rlpost/bare |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for params_m in args.params_m:
         for receivers in args.receivers:
-            for bucket_mb in args.bucket_mb:
-                r = bench(params_m, receivers, bucket_mb, args.repeats)
+            for bucket_mb, alone_mb in [(b, a) for b in args.bucket_mb for a in args.alone_mb]:
+                r = bench(params_m, receivers, bucket_mb, alone_mb, args.repeats, args.load, args.profile)
                 print(f"| {r['params_m']:.1f} | {r['gb']:.3f} | {r['receivers']} | {r['bucket_mb']:g} | "
-                      f"{r['buckets']} | {r['sync_s']:.3f} | {r['gb_per_s']:.2f} |", flush=True)
+                      f"{r['alone_mb']:g} | {r['buckets']} | {r['bare_s']:.3f} | {r['gb'] / r['bare_s']:.2f} | {r['sync_s']:.3f} | "
+                      f"{r['gb'] / r['sync_s']:.2f} | {r['ratio']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

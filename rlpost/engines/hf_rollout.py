@@ -170,12 +170,21 @@ class HFRolloutEngine:
 
         Names are those of ``model.state_dict()``; with tied embeddings either name
         of the tied pair may be sent (or both). Every parameter must be covered.
-        The iterator is always consumed to the end, even on error, so a streaming
-        sender (``rlpost.weight_sync``) is never left waiting; the error is raised
-        afterwards and the engine refuses to generate until a good update arrives.
+        A ``rlpost.weight_sync`` stream is handed the model's own tensors first
+        (``load_into``), so tensors that travel alone are received straight into
+        the parameters and nothing is left to copy; any other tensor is copied in
+        one pass (dtype and device conversion included). The iterator is always
+        consumed to the end, even on error, so a streaming sender is never left
+        waiting; the error is raised afterwards and the engine refuses to generate
+        until a good update arrives.
         """
-        state = self.model.state_dict(keep_vars=True)
+        # Detached views of the live storage, rebuilt per sync (a few ms), so a model
+        # moved to another device since the last sync is still written in place.
+        state = {name: t.detach() for name, t in self.model.state_dict(keep_vars=True).items()}
         params = dict(self.model.named_parameters(remove_duplicate=False))
+        load_into = getattr(weights, "load_into", None)
+        if load_into is not None:
+            load_into(state)
         updated: set[int] = set()  # storage addresses of updated parameters
         error: str | None = None
         received = 0
@@ -191,7 +200,10 @@ class HFRolloutEngine:
             elif tuple(tensor.shape) != tuple(target.shape):
                 error = f"weight {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}"
             else:
-                target.data.copy_(tensor.to(device=target.device, dtype=target.dtype))
+                in_place = (tensor.data_ptr() == target.data_ptr() and tensor.device == target.device
+                            and tensor.dtype == target.dtype and tensor.stride() == target.stride())
+                if not in_place:  # in place: the stream received it straight into the model
+                    target.copy_(tensor)
                 updated.add(target.data_ptr())
         if error is None:
             if received == 0:

@@ -191,3 +191,165 @@ def test_receiver_without_sender_fails_to_join_with_worker_error():
     with pytest.raises(WorkerError, match="could not join"):
         WeightReceiver(HOST, _free_port(), 1, 2, timeout_s=1.0)
     assert time.monotonic() - start < 10.0
+
+
+def test_tensors_of_alone_mb_or_more_travel_alone():
+    # By hand, alone_mb = 16 KiB: the 40 KiB and 24 KiB tensors each get a bucket;
+    # the rest pack in order (8192 + 4 + 462 B; then 40 B; then 64 B).
+    plan = make_plan(SPECS, bucket_mb=BUCKET_MB, alone_mb=16 / 1024)
+    assert [[s.name for s in b.slots] for b in plan.buckets] == [
+        ["embed.weight", "layer.0.scale", "layer.0.w"],
+        ["layer.0.big"],
+        ["layer.1.idx"],
+        ["layer.1.w"],
+        ["norm.weight"],
+    ]
+    assert [b.alone for b in plan.buckets] == [False, True, True, True, True]
+    assert plan.packed_nbytes == 8256 + 462  # the only bucket with more than one tensor
+    assert plan.fingerprint != make_plan(SPECS, bucket_mb=BUCKET_MB).fingerprint
+
+
+def test_cpu_endpoints_choose_gloo():
+    """Two endpoints in threads of this process, both on the CPU."""
+    import threading
+
+    port, out = _free_port(), {}
+
+    def receiver():
+        with WeightReceiver(HOST, port, 1, 2, timeout_s=TIMEOUT_S, device="cpu") as r:
+            out["receiver"] = (r.backend, r.wire_device.type)
+
+    thread = threading.Thread(target=receiver)
+    thread.start()
+    with WeightSender(HOST, port, 2, timeout_s=TIMEOUT_S) as sender:  # no device given: CPU
+        out["sender"] = (sender.backend, sender.wire_device.type)
+    thread.join(TIMEOUT_S)
+    assert out == {"sender": ("gloo", "cpu"), "receiver": ("gloo", "cpu")}
+
+
+ALONE_MB = 16 / 1024
+
+
+def _loading_receiver(port, world, versions, results):
+    """Loads each sync into its own tensors through ``load_into``, as an engine does.
+    ``layer.1.w``'s target has another dtype, so it cannot be received in place."""
+    torch.set_num_threads(1)
+    plan = make_plan(SPECS, bucket_mb=BUCKET_MB, alone_mb=ALONE_MB)
+    model = {name: torch.zeros(shape, dtype=dtype) for name, shape, dtype in SPECS}
+    model["layer.1.w"] = torch.zeros((96, 64), dtype=torch.float64)
+    try:
+        with WeightReceiver(HOST, port, 1, world, timeout_s=TIMEOUT_S) as receiver:
+            for version in versions:
+                stream = receiver.receive(plan, version)
+                stream.load_into(model)
+                in_place = []
+                for name, tensor in stream:
+                    if tensor.data_ptr() == model[name].data_ptr():
+                        in_place.append(name)
+                    else:
+                        model[name].copy_(tensor)
+                expected = dict(_weights(version))
+                wrong = [n for n, t in model.items() if not torch.equal(t, expected[n].to(t.dtype))]
+                results.put(("receiver1", version, f"in place {in_place}; wrong {wrong}"))
+    except BaseException:
+        results.put(("receiver1", None, traceback.format_exc()))
+
+
+def _alone_sender(port, world, versions, results):
+    torch.set_num_threads(1)
+    plan = make_plan(SPECS, bucket_mb=BUCKET_MB, alone_mb=ALONE_MB)
+    try:
+        with WeightSender(HOST, port, world, timeout_s=TIMEOUT_S) as sender:
+            for version in versions:
+                sender.send(iter(_weights(version)), plan, version)
+                results.put(("sender", version, "ok"))
+    except BaseException:
+        results.put(("sender", None, traceback.format_exc()))
+
+
+def test_load_into_receives_alone_tensors_in_place_and_reuses_staging_across_syncs():
+    port = _free_port()
+    results = _run([(_alone_sender, (port, 2, [1, 2])), (_loading_receiver, (port, 2, [1, 2]))],
+                   expected_messages=4)
+    by = {(who, version): msg for who, version, msg in results}
+    assert all(v is not None for _, v in by), results
+    # By hand (see the plan test above): every one-tensor bucket whose target has its
+    # dtype lands in the model: the 40 KiB tensor and the int and bf16 tensors left
+    # alone around the 24 KiB one; that one's float64 target does not match.
+    for version in (1, 2):
+        assert by[("sender", version)] == "ok"
+        assert by[("receiver1", version)] == "in place ['layer.0.big', 'layer.1.idx', 'norm.weight']; wrong []"
+
+
+class _Recording:
+    """Passes a stream to an engine and notes which tensors it yielded in the engine's
+    own storage (received in place)."""
+
+    def __init__(self, stream, storage: dict[str, int]):
+        self.stream, self.storage, self.in_place = stream, storage, []
+
+    def load_into(self, targets):
+        self.stream.load_into(targets)
+
+    def __iter__(self):
+        for name, tensor in self.stream:
+            if tensor.data_ptr() == self.storage.get(name):
+                self.in_place.append(name)
+            yield name, tensor
+
+
+def _model_weights(model_dir: str, version: int) -> list[tuple[str, torch.Tensor]]:
+    from transformers import AutoModelForCausalLM
+
+    state = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    return [(name, t + 0.125 * version) for name, t in state.items()]  # exact in fp32 at these scales
+
+
+def _model_sender(port, model_dir, results):
+    torch.set_num_threads(1)
+    try:
+        weights = _model_weights(model_dir, 1)
+        plan = make_plan([(n, t.shape, t.dtype) for n, t in weights], bucket_mb=BUCKET_MB, alone_mb=1 / 1024)
+        with WeightSender(HOST, port, 2, timeout_s=TIMEOUT_S) as sender:
+            sender.send(iter(weights), plan, 1)
+        results.put(("sender", 1, f"ok {sum(b.alone for b in plan.buckets)} alone"))
+    except BaseException:
+        results.put(("sender", None, traceback.format_exc()))
+
+
+def _engine_receiver(port, model_dir, results):
+    from rlpost.engines.hf_rollout import HFRolloutEngine
+
+    torch.set_num_threads(1)
+    try:
+        engine = HFRolloutEngine(model_dir)
+        storage = {n: t.data_ptr() for n, t in engine.model.state_dict().items()}
+        expected = _model_weights(model_dir, 1)
+        plan = make_plan([(n, t.shape, t.dtype) for n, t in expected], bucket_mb=BUCKET_MB, alone_mb=1 / 1024)
+        with WeightReceiver(HOST, port, 1, 2, timeout_s=TIMEOUT_S) as receiver:
+            stream = _Recording(receiver.receive(plan, 1), storage)
+            engine.update_weights(stream, 1)
+        state = engine.model.state_dict()
+        wrong = [n for n, t in expected if not torch.equal(state[n], t)]
+        moved = [n for n, t in state.items() if t.data_ptr() != storage[n]]
+        results.put(("receiver1", engine.policy_version,
+                     f"{len(stream.in_place)} in place; wrong {wrong}; moved {moved}"))
+    except BaseException:
+        results.put(("receiver1", None, traceback.format_exc()))
+
+
+def test_hf_engine_loads_a_stream_in_place(tmp_path):
+    from rollout_contract import char_tokenizer, save_model
+
+    model_dir = save_model(tmp_path / "model", char_tokenizer(), tie=False)
+    shapes = [(n, t.shape, t.dtype) for n, t in _model_weights(model_dir, 0)]
+    plan = make_plan(shapes, bucket_mb=BUCKET_MB, alone_mb=1 / 1024)
+    alone = sum(b.alone for b in plan.buckets)
+    assert alone >= 10  # the 2-layer model's matrices (>= 1 KiB) each travel alone
+    port = _free_port()
+    results = _run([(_model_sender, (port, model_dir, )), (_engine_receiver, (port, model_dir))],
+                   expected_messages=2, timeout_s=120)
+    by = {who: (version, msg) for who, version, msg in results}
+    assert by["sender"] == (1, f"ok {alone} alone"), by
+    # Every one-tensor bucket lands in the engine's parameters; the packed rest is copied.
+    assert by["receiver1"] == (1, f"{alone} in place; wrong []; moved []"), by
