@@ -372,7 +372,7 @@ class RayConfig:
 
 @dataclass
 class WeightSyncConfig:
-    bucket_mb: int = 64  # peak extra memory of a sync is one bucket
+    bucket_mb: int = 64  # most bytes packed into one broadcast; tensors >= 1 MiB travel alone
     timeout_s: float = 300.0
 
     def check(self) -> None:

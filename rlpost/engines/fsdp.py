@@ -399,8 +399,9 @@ class FSDPEngine:
         return [(name, tuple(t.shape), self.dtype if t.is_floating_point() else t.dtype) for name, t in named]
 
     def named_full_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Full tensors in HF naming and ``model.dtype``, one at a time (peak extra
-        memory: one tensor). Collective: every rank must exhaust the iterator; only
+        """Full tensors in HF naming and ``model.dtype``, one at a time (each is freed
+        when its consumer drops it; the weight-sync sender keeps up to three alive while
+        it pipelines broadcasts). Collective: every rank must exhaust the iterator; only
         rank 0's tensors are meant to be used (all ranks get the same values).
 
         Yields exactly the keys the plain HF model's ``state_dict()`` has, tied
