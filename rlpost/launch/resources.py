@@ -64,7 +64,8 @@ def check_fits(needs: JobNeeds, shape: ClusterShape, hint: str = "") -> None:
     have_gpus = shape.nodes * shape.gpus_per_node
     if needs.gpus > have_gpus:
         raise ConfigError(
-            f"the run needs {needs.gpus} GPUs (trainer.world_size + rollout.replicas) but the cluster "
+            f"the run needs {needs.gpus} GPUs (trainer.world_size x trainer.gpus_per_rank + rollout.replicas x "
+            f"rollout.gpus_per_replica) but the cluster "
             f"has {shape.nodes} nodes x {shape.gpus_per_node} GPUs = {have_gpus}; "
             f"ask for more nodes/GPUs or lower trainer.world_size / rollout.replicas{hint}"
         )

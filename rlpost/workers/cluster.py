@@ -80,9 +80,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def node_ip() -> str:
-    """Address other actors can reach this node on; loopback on a single machine."""
-    address = ray.util.get_node_ip_address()
-    return "127.0.0.1" if len(ray.nodes()) <= 1 else address
+    """Address other actors can reach this node on: loopback on a one-node cluster,
+    else the address the node registered with Ray (`ray start --node-ip-address`),
+    not the one this process would guess from its network interfaces."""
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if len(nodes) <= 1:
+        return "127.0.0.1"
+    me = ray.get_runtime_context().get_node_id()
+    return next((n["NodeManagerAddress"] for n in nodes if n["NodeID"] == me), ray.util.get_node_ip_address())
 
 
 def wait(refs, timeout_s: float | None, what: str, lost: type[WorkerError] = WorkerError):

@@ -25,7 +25,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlpost.config.schema import RunConfig
 from rlpost.errors import WorkerError
-from rlpost.workers.cluster import creation_error, describe_resources
+from rlpost.workers.cluster import creation_error, describe_resources, node_ip
 
 
 def gpus_of(value: int | float | str, cluster_gpus: float) -> int | float:
@@ -60,9 +60,10 @@ class GroupPlacement:
     resources: dict
 
     @classmethod
-    def create(cls, what: str, count: int, gpus: float, resources: dict | None, strategy: str,
+    def create(cls, what: str, count: int, gpus: int | float | str, resources: dict | None, strategy: str,
                timeout_s: float) -> "GroupPlacement":
         resources = dict(resources or {})
+        gpus = gpus_of(gpus, ray.cluster_resources().get("GPU", 0.0))  # a config not resolved by train.run
         bundle = {"CPU": 1, **({"GPU": gpus} if gpus else {}), **resources}
         group = placement_group([bundle] * count, strategy=strategy.upper())
         ready, _ = ray.wait([group.ready()], timeout=timeout_s)
@@ -95,7 +96,7 @@ def actor_device(what: str) -> torch.device:
     if not gpu_ids:
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        node = f"{socket.gethostname()} ({ray.util.get_node_ip_address()})"
+        node = f"{socket.gethostname()} ({node_ip()})"
         build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
         raise WorkerError(
             f"{what} was given GPU {gpu_ids} by Ray on node {node}, but torch finds no usable CUDA device "

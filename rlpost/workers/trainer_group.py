@@ -116,7 +116,7 @@ class TrainerActor:
     def probe_run_dir(self, path: str, token: str) -> str:
         """Write ``token`` into the run directory and read it back (rank 0, at start);
         returns this node's name for the driver's message."""
-        node = f"{socket.gethostname()} ({ray.util.get_node_ip_address()})"
+        node = f"{socket.gethostname()} ({node_ip()})"
         probe = Path(path) / f".storage_probe_{token}"
         try:
             probe.write_text(token)
