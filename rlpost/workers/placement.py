@@ -15,6 +15,7 @@ hardware (a KubeRay head pod or a Slurm batch node is often CPU-only).
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 
@@ -90,10 +91,13 @@ def actor_device(what: str) -> torch.device:
     """The device of the calling actor: ``cuda:0`` when Ray assigned it a GPU (Ray sets
     CUDA_VISIBLE_DEVICES to that GPU, so it is the first visible one), else the CPU.
     An actor without a GPU stays on the CPU even on a GPU node, where it would
-    otherwise see every GPU. Raises ``WorkerError`` naming the node when Ray assigned
+    otherwise see every GPU (call this before anything initialises CUDA). Raises ``WorkerError`` naming the node when Ray assigned
     a GPU that torch cannot use."""
     gpu_ids = ray.get_gpu_ids()
     if not gpu_ids:
+        # Ray leaves CUDA_VISIBLE_DEVICES alone for an actor without GPUs; hide them so
+        # no library in this process (DeepSpeed's accelerator, NCCL) picks one up.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
         return torch.device("cpu")
     if not torch.cuda.is_available():
         node = f"{socket.gethostname()} ({node_ip()})"

@@ -224,6 +224,10 @@ for name, cls, args, gpus in (("trainer", TrainerActor, (0, 1), cfg.trainer.gpus
         print("refused:", err)
     ray.kill(actor)
     place.shutdown()
+try:  # no node declares node_c
+    GroupPlacement.create("trainer", 1, 0, {{"node_c": 1}}, "pack", 3)
+except WorkerError as err:
+    print("unplaceable:", err)
 """
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=cluster["env"], capture_output=True,
                           text=True, timeout=180)
@@ -234,3 +238,5 @@ for name, cls, args, gpus in (("trainer", TrainerActor, (0, 1), cfg.trainer.gpus
         assert f"{name} asks 1 GPU" in lines, proc.stdout
         refused = [line for line in lines if line.startswith("refused:") and f"{who} was given GPU [" in line]
         assert refused and "no usable CUDA" in refused[0] and f"({cluster['node_ip']})" in refused[0], proc.stdout
+    unplaceable = [line for line in lines if line.startswith("unplaceable: trainer: Ray could not place 1 x")]
+    assert unplaceable and "'node_c': 1" in unplaceable[0] and "ray.placement_timeout_s=3s" in unplaceable[0], proc.stdout
