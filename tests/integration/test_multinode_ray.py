@@ -59,7 +59,7 @@ def _stop(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     try:
-        proc.wait(timeout=30)
+        proc.wait(timeout=15)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
@@ -131,11 +131,25 @@ def _wait_for_nodes(address: str, env: dict, base: Path, procs: list) -> None:
         time.sleep(2)
 
 
-def _train(cluster, out: Path, *overrides: str, address: str | None = None) -> subprocess.CompletedProcess:
+def _start_train(cluster, out: Path, *overrides: str, address: str | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "rlpost.train", *RUN, f"output_dir={out}", *overrides]
     if address:
         cmd.append(f"ray.address={address}")
-    return subprocess.run(cmd, cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=300)
+    return subprocess.Popen(cmd, cwd=REPO, env=cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def _train(cluster, out: Path, *overrides: str, address: str | None = None) -> subprocess.CompletedProcess:
+    return _finish(_start_train(cluster, out, *overrides, address=address))
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -148,13 +162,15 @@ def test_two_nodes_match_one_node(cluster, tmp_path):
     pointer = cluster["base"] / "ray" / "ray_current_cluster"
     assert pointer.read_text().strip() == cluster["address"]  # where ray.init(address=None) would go
 
-    single = _train(cluster, tmp_path / "single", *CPU_ONLY)  # ray.address: null
+    # Both at once (their start-ups mostly wait); neither shares anything with the other.
+    single = _start_train(cluster, tmp_path / "single", *CPU_ONLY)  # ray.address: null
+    split = _start_train(cluster, tmp_path / "split", *CPU_ONLY, "trainer.resources={node_a:1}",
+                         "rollout.resources={node_b:1}", address=cluster["address"])
+    single, split = _finish(single), _finish(split)
     log = single.stdout[-3000:] + single.stderr[-3000:]
     assert single.returncode == 0, log
     assert "rlpost: started Ray cluster" in single.stdout and cluster["address"] not in single.stdout, log
 
-    split = _train(cluster, tmp_path / "split", *CPU_ONLY, "trainer.resources={node_a:1}",
-                   "rollout.resources={node_b:1}", address=cluster["address"])
     log = split.stdout[-3000:] + split.stderr[-3000:]
     assert split.returncode == 0, log
     assert f"rlpost: joined Ray cluster at {cluster['address']} (2 node(s)" in split.stdout, log
