@@ -73,8 +73,8 @@ class GroupPlacement:
             raise WorkerError(
                 f"{what}: Ray could not place {count} x {bundle} ({strategy}) within ray.placement_timeout_s="
                 f"{timeout_s:.0f}s; the cluster has {{{describe_resources(ray.cluster_resources())}}} in all and "
-                f"{{{describe_resources(ray.available_resources())}}} free. Add nodes, or lower the GPU counts / resources "
-                "(trainer.gpus_per_rank, rollout.gpus_per_replica, *.resources)")
+                f"{{{describe_resources(ray.available_resources())}}} free. Add nodes, or lower the GPU counts / "
+                "resources (trainer.gpus_per_rank, rollout.gpus_per_replica, *.resources)")
         return cls(what, group, gpus, resources)
 
     def options(self, index: int) -> dict:
@@ -91,8 +91,8 @@ def actor_device(what: str) -> torch.device:
     """The device of the calling actor: ``cuda:0`` when Ray assigned it a GPU (Ray sets
     CUDA_VISIBLE_DEVICES to that GPU, so it is the first visible one), else the CPU.
     An actor without a GPU stays on the CPU even on a GPU node, where it would
-    otherwise see every GPU (call this before anything initialises CUDA). Raises ``WorkerError`` naming the node when Ray assigned
-    a GPU that torch cannot use."""
+    otherwise see every GPU (call this before anything initialises CUDA). Raises
+    ``WorkerError`` naming the node when Ray assigned a GPU that torch cannot use."""
     gpu_ids = ray.get_gpu_ids()
     if not gpu_ids:
         # Ray leaves CUDA_VISIBLE_DEVICES alone for an actor without GPUs; hide them so
@@ -108,6 +108,8 @@ def actor_device(what: str) -> torch.device:
             "driver, that torch is a CUDA build, and that `ray start --num-gpus` declares only real GPUs; "
             "or run this group on CPU with trainer.gpus_per_rank=0 / rollout.gpus_per_replica=0 / "
             "critic.gpus_per_rank=0")
+    if os.environ.get("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"):  # every GPU visible: pick ours by id
+        return torch.device("cuda", int(gpu_ids[0]))
     return torch.device("cuda", 0)
 
 
