@@ -118,17 +118,21 @@ def cluster():
 
 
 def _wait_for_nodes(address: str, env: dict, base: Path, procs: list) -> None:
-    probe = ("import ray; ray.init(address='%s', logging_level='ERROR', log_to_driver=False); "
-             "print(sum(n['Alive'] for n in ray.nodes()))" % address)
-    deadline = time.time() + 120
-    while True:
+    """Both nodes alive in the GCS (one probe process polls, so Ray is imported once)."""
+    probe = ("import time, ray\n"
+             "ray.init(address='%s', logging_level='ERROR', log_to_driver=False)\n"
+             "deadline = time.time() + 90\n"
+             "while sum(n['Alive'] for n in ray.nodes()) < 2 and time.time() < deadline:\n"
+             "    time.sleep(1)\n"
+             "print(sum(n['Alive'] for n in ray.nodes()))\n" % address)
+    for _ in range(3):  # ray.init fails while the head's GCS is still starting
         for proc, name in zip(procs, ("head.log", "node_b.log")):
             assert proc.poll() is None, f"{name} exited:\n{(base / name).read_text()[-3000:]}"
-        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=150)
         if out.stdout.strip().endswith("2"):
             return
-        assert time.time() < deadline, f"two nodes never came up:\n{out.stderr[-2000:]}"
         time.sleep(2)
+    raise AssertionError(f"two nodes never came up:\n{out.stdout[-500:]}\n{out.stderr[-2000:]}")
 
 
 def _start_train(cluster, out: Path, *overrides: str, address: str | None = None) -> subprocess.Popen:
