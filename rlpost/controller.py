@@ -64,7 +64,8 @@ class Controller:
         self.cfg, self.trainer, self.rollout, self.rewards = cfg, trainer, rollout, rewards
         self.weight_sync = weight_sync
         self.stream, self.val_samples, self.tracker, self.checkpoints = stream, val_samples, tracker, checkpoints
-        self.collector = Collector(cfg, stream, rollout, rewards, envs, message=tracker.message)  # envs: multi-turn
+        # envs: multi-turn env pool; messages go to the console line through the tracker
+        self.collector = Collector(cfg, stream, rollout, rewards, envs, message=lambda text: self.tracker.message(text))
         self.pad_id, self.use_reference = pad_id, use_reference
         self.faults = faults  # rlpost.faults.FaultCounts: failures survived, logged every step
         self.perf = perf  # rlpost.perf.StepPerf: perf/mfu and tokens/s every step (None: not reported)

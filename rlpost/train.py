@@ -47,6 +47,7 @@ def run(cfg: RunConfig) -> dict:
     from rlpost.supervisor import TrainerParts, TrainerSupervisor
     from rlpost.tracking import Tracker
     from rlpost.workers.cluster import kill_started_cluster, start_cluster, stop_cluster
+    from rlpost.workers.placement import resolve_placement
     from rlpost.workers.reward_pool import RewardPool
     from rlpost.workers.rollout_group import RolloutGroup
     from rlpost.workers.trainer_group import TrainerGroup
@@ -57,10 +58,9 @@ def run(cfg: RunConfig) -> dict:
     # config.yaml records the one that ran.
     cfg.rollout.engine = resolve_rollout_engine(cfg.rollout.engine)
     _resolve_threads(cfg)
-    out = Path(cfg.output_dir)
+    out = Path(cfg.output_dir).resolve()  # absolute: actors on other nodes get this path
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    print(f"rlpost: run directory {out.resolve()}; rollout engine {cfg.rollout.engine}; threads per trainer rank "
+    print(f"rlpost: run directory {out}; rollout engine {cfg.rollout.engine}; threads per trainer rank "
           f"{cfg.trainer.threads}, per rollout replica {cfg.rollout.threads}", flush=True)
 
     # The built-in model is built once with its own fixed seed, not the run seed: a
@@ -97,8 +97,15 @@ def run(cfg: RunConfig) -> dict:
     # After ray.init, which may install its own; a second Ctrl-C ends the Ray instance we started.
     stop_flag = _install_stop_handlers(kill_started_cluster if started else lambda: None)
     groups = []
-    tracker = Tracker(cfg.logger, out, cfg.trainer.total_steps, to_dict(cfg))
+    tracker = None
     try:
+        # GPU counts from the cluster (never the driver's hardware), so config.yaml and
+        # the tracker record what the actors asked for.
+        resolve_placement(cfg)
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        print(f"rlpost: placement: trainer {cfg.trainer.gpus_per_rank} GPU/rank, rollout "
+              f"{cfg.rollout.gpus_per_replica} GPU/replica", flush=True)
+        tracker = Tracker(cfg.logger, out, cfg.trainer.total_steps, to_dict(cfg))
         faults = FaultCounts()  # failures survived (replaced actors, trainer rebuilds), logged every step
         placement = None
         if cfg.rollout.colocate:  # GPU only: trainer rank i and replica i share GPU i
@@ -127,6 +134,7 @@ def run(cfg: RunConfig) -> dict:
             trainer = TrainerGroup(cfg, model_path, with_reference=use_reference, placement=placement)
             critic = None
             try:
+                trainer.check_run_dir(out)  # checkpoints need a filesystem the driver shares
                 # Waited for only now (no time limit: vLLM on a busy machine can take
                 # minutes), so the replicas loaded while the trainer did.
                 print(f"rlpost: rollout replica pids {rollout.pids()}", flush=True)
@@ -170,7 +178,8 @@ def run(cfg: RunConfig) -> dict:
         tracker.message(f"rlpost: final policy exported to {out / 'final'}")
         return last
     finally:
-        tracker.close()
+        if tracker is not None:
+            tracker.close()
         for group in reversed(groups):
             group.shutdown()
         stop_cluster(started)

@@ -17,6 +17,30 @@ def _require(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+_STRATEGIES = ("pack", "spread", "strict_pack", "strict_spread")
+
+
+def _check_gpus(value: int | float | str, key: str) -> None:
+    """``auto`` (GPUs when the Ray cluster has any; rlpost.workers.placement resolves it
+    once the cluster is up) or a number of GPUs, fractional for sharing one."""
+    if isinstance(value, str):
+        _require(value == "auto", key, f"must be auto or a number of GPUs (0 = CPU), got {value!r}")
+    else:
+        _require(value >= 0, key, f"must be auto or a number >= 0, got {value}")
+
+
+def _check_resources(value: dict | None, key: str) -> None:
+    """Extra Ray custom resources per actor, e.g. ``{node_a: 1}`` to pin a group to the
+    nodes started with ``ray start --resources='{"node_a": 8}'``."""
+    if value is None:
+        return
+    for name, amount in value.items():
+        _require(str(name) not in ("CPU", "GPU", "memory", "object_store_memory"), key,
+                 f"names custom resources only; CPU and GPU come from the gpus_per_* keys, got {name!r}")
+        _require(isinstance(amount, (int, float)) and not isinstance(amount, bool) and amount > 0, key,
+                 f"amounts must be numbers > 0, got {name}: {amount!r}")
+
+
 @dataclass
 class LoraConfig:
     rank: int = 0  # > 0 trains LoRA adapters (peft) of this rank instead of the full model
@@ -105,8 +129,18 @@ class RolloutConfig:
     max_turns: int = 1
     max_total_tokens: int = 0
     max_restarts: int = 3  # dead replicas replaced over a run (weights re-synced, requests retried)
+    # Ray placement (rlpost.workers.placement): GPUs per replica (auto = 1 when the Ray
+    # cluster has GPUs, else 0), the placement-group strategy over the replicas, and
+    # custom Ray resources each replica also asks for (pins replicas to nodes).
+    gpus_per_replica: int | float | str = "auto"
+    placement_strategy: str = "spread"
+    resources: dict | None = None
 
     def check(self) -> None:
+        _check_gpus(self.gpus_per_replica, "rollout.gpus_per_replica")
+        _require(self.placement_strategy in _STRATEGIES, "rollout.placement_strategy",
+                 f"must be one of {', '.join(_STRATEGIES)}, got {self.placement_strategy!r}")
+        _check_resources(self.resources, "rollout.resources")
         engines = ("hf", "vllm", "auto", "fake")
         _require(self.engine in engines, "rollout.engine", f"must be one of {', '.join(engines)}; got {self.engine!r}")
         _require(self.replicas >= 1, "rollout.replicas", f"must be >= 1, got {self.replicas}")
@@ -158,8 +192,18 @@ class TrainerConfig:
     max_staleness: int = 1  # async: batches sampled more than this many versions ago are dropped
     async_buffer: int = 0  # async: batches sampled ahead of the trainer; 0 = max_staleness (none dropped)
     threads: int = 0  # math threads per trainer (and critic) rank; 0 = auto (rlpost.threads)
+    # Ray placement (rlpost.workers.placement): GPUs per rank (auto = 1 when the Ray
+    # cluster has GPUs, else 0), the placement-group strategy over the ranks (pack: as
+    # few nodes as possible), and custom Ray resources each rank also asks for.
+    gpus_per_rank: int | float | str = "auto"
+    placement_strategy: str = "pack"
+    resources: dict | None = None
 
     def check(self) -> None:
+        _check_gpus(self.gpus_per_rank, "trainer.gpus_per_rank")
+        _require(self.placement_strategy in _STRATEGIES, "trainer.placement_strategy",
+                 f"must be one of {', '.join(_STRATEGIES)}, got {self.placement_strategy!r}")
+        _check_resources(self.resources, "trainer.resources")
         _require(self.backend in ("fsdp2", "deepspeed"), "trainer.backend", f"must be fsdp2 or deepspeed, got {self.backend!r}")
         _require(self.max_tokens_per_microbatch >= 0, "trainer.max_tokens_per_microbatch", "must be >= 0 (0 = micro_batch_size rows)")
         _require(self.logprob_chunk_tokens >= 0, "trainer.logprob_chunk_tokens", "must be >= 0 (0 = no chunking)")
@@ -264,8 +308,14 @@ class CriticConfig:
     # The first warmup_steps training steps update only the critic (the policy is
     # frozen) so that GAE starts from values that mean something.
     warmup_steps: int = 0
+    # Ray placement of the critic ranks, as trainer.gpus_per_rank / trainer.resources;
+    # they follow trainer.placement_strategy.
+    gpus_per_rank: int | float | str = "auto"
+    resources: dict | None = None
 
     def check(self) -> None:
+        _check_gpus(self.gpus_per_rank, "critic.gpus_per_rank")
+        _check_resources(self.resources, "critic.resources")
         _require(self.lr > 0, "critic.lr", f"must be > 0, got {self.lr}")
         _require(self.grad_clip > 0, "critic.grad_clip", "must be > 0")
         _require(self.warmup_steps >= 0, "critic.warmup_steps", "must be >= 0 (0 = train the policy from step 1)")
@@ -366,8 +416,17 @@ class WandbConfig:
 
 @dataclass
 class RayConfig:
-    address: str | None = None  # None starts a local cluster; "auto" or host:port joins one
+    # None always starts a local cluster of its own (even when another runs on this
+    # machine); "auto" joins the one on this machine; host:port joins that one.
+    address: str | None = None
     num_cpus: int | None = None  # logical CPUs of a local cluster (may exceed cores)
+    # How long the trainer/rollout/critic placement groups may wait for the cluster to
+    # have room (an autoscaling cluster adds nodes meanwhile) before the run stops.
+    placement_timeout_s: float = 600.0
+
+    def check(self) -> None:
+        _require(self.num_cpus is None or self.num_cpus >= 1, "ray.num_cpus", "must be null or >= 1")
+        _require(self.placement_timeout_s > 0, "ray.placement_timeout_s", "must be > 0")
 
 
 @dataclass
@@ -416,7 +475,7 @@ class RunConfig:
 
     def check(self) -> None:
         for section in (self.model, self.data, self.rollout, self.trainer, self.algorithm, self.critic,
-                        self.reward, self.env, self.eval, self.logger, self.weight_sync):
+                        self.reward, self.env, self.eval, self.logger, self.weight_sync, self.ray):
             section.check()
         if self.env.enabled(self.rollout):
             _require(self.algorithm.adv_estimator not in ("remax", "gae"), "algorithm.adv_estimator",

@@ -5,8 +5,12 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+from typing import TYPE_CHECKING
 
 from rlpost.config.schema import RunConfig
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +46,15 @@ def make_train_engine(backend: str, model_path: str, model_cfg, trainer_cfg, **k
     raise ValueError(f"unknown trainer.backend {backend!r} (fsdp2 | deepspeed)")
 
 
-def make_rollout_engine(cfg: RunConfig, model_path: str, seed: int):
-    """The rollout engine named by ``cfg.rollout.engine``."""
+def make_rollout_engine(cfg: RunConfig, model_path: str, seed: int, device: torch.device | str = "cpu"):
+    """The rollout engine named by ``cfg.rollout.engine``, on ``device`` (the one Ray
+    assigned the actor; vLLM finds its GPU itself from CUDA_VISIBLE_DEVICES)."""
     engine = resolve_rollout_engine(cfg.rollout.engine)
     if engine == "hf":
         from rlpost.engines.hf_rollout import HFRolloutEngine
 
-        return HFRolloutEngine(model_path, dtype=cfg.model.dtype, seed=seed, batch_size=cfg.rollout.batch_size)
+        return HFRolloutEngine(model_path, dtype=cfg.model.dtype, seed=seed, batch_size=cfg.rollout.batch_size,
+                               device=device)
     if engine == "vllm":
         from rlpost.engines.vllm_rollout import VLLMRolloutEngine
 

@@ -51,7 +51,8 @@ _STOP_WINDOW_SLACK = 16  # extra tokens decoded when looking for a stop string
 class HFRolloutEngine:
     """``RolloutEngine`` over ``AutoModelForCausalLM``; holds one policy version."""
 
-    def __init__(self, model_path: str, dtype: str = "float32", seed: int = 0, batch_size: int = 64):
+    def __init__(self, model_path: str, dtype: str = "float32", seed: int = 0, batch_size: int = 64,
+                 device: torch.device | str = "cpu"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if dtype not in _DTYPES:
@@ -63,7 +64,10 @@ class HFRolloutEngine:
             self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype])
         except Exception as exc:
             raise ModelError(f"cannot load model/tokenizer from {model_path!r}: {type(exc).__name__}: {exc}") from exc
-        self.model.eval().requires_grad_(False)
+        # Sampling stays on the CPU (its generator, hence the samples, do not depend on
+        # the device); only the forward passes run on ``device``.
+        self.device = torch.device(device)
+        self.model.to(self.device).eval().requires_grad_(False)
         self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed)
         self.policy_version = 0
@@ -94,9 +98,9 @@ class HFRolloutEngine:
 
     def _forward(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
         kwargs = {"logits_to_keep": 1} if self._keep_last_logits else {}
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True, **kwargs)
-        return out.logits[:, -1].float()  # [B, V]
+        out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                         position_ids=position_ids.to(self.device), past_key_values=cache, use_cache=True, **kwargs)
+        return out.logits[:, -1].float().cpu()  # [B, V]
 
     def _generate_chunk(self, prompts: list[list[int]], params: SamplingParams,
                         generator: torch.Generator) -> list[Completion]:

@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from rlpost.config.schema import RunConfig
 from rlpost.errors import ConfigError
 from rlpost.workers.cluster import logical_cpus_needed
+from rlpost.workers.placement import gpus_of
 
 
 @dataclass(frozen=True)
 class JobNeeds:
-    """Ray resources the run's actors ask for: one GPU per trainer rank and per rollout
-    replica (only when the cluster has GPUs), one logical CPU per actor."""
+    """Ray resources the run's actors ask for: ``trainer.gpus_per_rank`` per trainer
+    (and critic) rank and ``rollout.gpus_per_replica`` per replica (``auto``: one when the
+    cluster has GPUs), rounded up; one logical CPU per actor."""
 
     gpus: int
     cpus: int
@@ -32,11 +34,17 @@ class ClusterShape:
 
 
 def job_needs(cfg: RunConfig, with_gpus: bool) -> JobNeeds:
+    """``with_gpus``: whether the cluster will declare GPUs, which is what the ``auto``
+    GPU counts resolve against at run time (``rlpost.workers.placement.gpus_of``)."""
+    have = 1.0 if with_gpus else 0.0
     critic = cfg.trainer.world_size if cfg.algorithm.adv_estimator == "gae" else 0  # PPO's critic ranks
-    # rollout.colocate: each replica shares its trainer rank's GPU.
-    rollout = 0 if cfg.rollout.colocate else cfg.rollout.replicas
-    gpus = cfg.trainer.world_size + critic + rollout if with_gpus else 0
-    return JobNeeds(gpus=gpus, cpus=logical_cpus_needed(cfg))
+    if cfg.rollout.colocate:  # one whole GPU per trainer rank, shared with its replica
+        gpus = cfg.trainer.world_size if with_gpus else 0
+    else:
+        gpus = (cfg.trainer.world_size * gpus_of(cfg.trainer.gpus_per_rank, have)
+                + cfg.rollout.replicas * gpus_of(cfg.rollout.gpus_per_replica, have))
+    gpus += critic * gpus_of(cfg.critic.gpus_per_rank, have)
+    return JobNeeds(gpus=math.ceil(gpus), cpus=logical_cpus_needed(cfg))
 
 
 def nodes_for(needs: JobNeeds, gpus_per_node: int) -> int:
@@ -56,7 +64,8 @@ def check_fits(needs: JobNeeds, shape: ClusterShape, hint: str = "") -> None:
     have_gpus = shape.nodes * shape.gpus_per_node
     if needs.gpus > have_gpus:
         raise ConfigError(
-            f"the run needs {needs.gpus} GPUs (trainer.world_size + rollout.replicas) but the cluster "
+            f"the run needs {needs.gpus} GPUs (trainer.world_size x trainer.gpus_per_rank + rollout.replicas x "
+            f"rollout.gpus_per_replica) but the cluster "
             f"has {shape.nodes} nodes x {shape.gpus_per_node} GPUs = {have_gpus}; "
             f"ask for more nodes/GPUs or lower trainer.world_size / rollout.replicas{hint}"
         )

@@ -52,9 +52,20 @@ def start_cluster(cfg: RunConfig) -> bool:
         # Logical CPUs may exceed cores: actors mostly wait on each other, and each is
         # pinned to one thread, so one CPU slot per actor is what we need.
         num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, logical_cpus_needed(cfg))
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
+        # address="local": always a new instance of our own. With address=None Ray
+        # joins whatever RAY_ADDRESS or /tmp/ray/ray_current_cluster (left by any `ray
+        # start` on this machine, even a killed one) points at, and then refuses num_cpus.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
                  log_to_driver=True, configure_logging=False)
+    how = "joined" if cfg.ray.address else "started"
+    print(f"rlpost: {how} Ray cluster at {ray.get_runtime_context().gcs_address} "
+          f"({len(ray.nodes())} node(s), {describe_resources(ray.cluster_resources())})", flush=True)
     return True
+
+
+def describe_resources(resources: dict) -> str:
+    keep = {k: v for k, v in resources.items() if not k.startswith(("node:", "memory", "object_store"))}
+    return ", ".join(f"{k}: {v:g}" for k, v in sorted(keep.items()))
 
 
 def stop_cluster(started: bool) -> None:
@@ -79,9 +90,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def node_ip() -> str:
-    """Address other actors can reach this node on; loopback on a single machine."""
-    address = ray.util.get_node_ip_address()
-    return "127.0.0.1" if len(ray.nodes()) <= 1 else address
+    """Address other actors can reach this node on: loopback on a one-node cluster,
+    else the address the node registered with Ray (`ray start --node-ip-address`),
+    not the one this process would guess from its network interfaces."""
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if len(nodes) <= 1:
+        return "127.0.0.1"
+    me = ray.get_runtime_context().get_node_id()
+    return next((n["NodeManagerAddress"] for n in nodes if n["NodeID"] == me), ray.util.get_node_ip_address())
 
 
 def wait(refs, timeout_s: float | None, what: str, lost: type[WorkerError] = WorkerError):
@@ -92,7 +108,18 @@ def wait(refs, timeout_s: float | None, what: str, lost: type[WorkerError] = Wor
     except ray.exceptions.GetTimeoutError:
         raise WorkerError(f"{what} did not finish within {timeout_s:.0f}s") from None
     except ray.exceptions.RayActorError as err:
+        if "error raised in its creation task" in str(getattr(err, "error_msg", "")):
+            # It never started (e.g. no usable CUDA where Ray gave it a GPU): another
+            # try would fail the same way, so this is not a loss to recover from.
+            raise WorkerError(f"{what}: an actor failed to start: {creation_error(err)}") from err
         raise lost(f"{what}: an actor died ({err.__class__.__name__}): {err}") from err
+
+
+def creation_error(err: Exception) -> str:
+    """The ``rlpost.errors`` line of an actor's creation-task traceback, else all of it."""
+    text = str(getattr(err, "error_msg", err))
+    lines = [line for line in text.splitlines() if line.lstrip().startswith("rlpost.errors.")]
+    return lines[-1].strip().split(": ", 1)[-1] if lines else text
 
 
 # How long to wait for a group's other calls to settle after one failed, to tell a

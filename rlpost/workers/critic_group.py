@@ -26,6 +26,7 @@ from rlpost.config.schema import RunConfig
 from rlpost.errors import TrainerLost
 from rlpost.types import TrainBatch
 from rlpost.workers.cluster import free_port, merge_rank_metrics, node_ip, quiet_actor_logs, wait_ranks
+from rlpost.workers.placement import GroupPlacement, actor_device, backend_for, started_devices
 
 
 @ray.remote
@@ -40,6 +41,11 @@ class CriticActor:
     def pid(self) -> int:
         return os.getpid()
 
+    def device(self) -> str:
+        """The device Ray assigned this rank (raises, naming the node, for a GPU without CUDA)."""
+        self._device = actor_device(f"critic rank {self.rank}")
+        return str(self._device)
+
     def rendezvous(self) -> tuple[str, int]:
         """Address and free port for the critic's torch.distributed group (rank 0 only)."""
         host = node_ip()
@@ -52,7 +58,7 @@ class CriticActor:
 
         os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]),
                           RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
-        init_default_group(master[0], master[1], self.rank, self.world_size)
+        init_default_group(master[0], master[1], self.rank, self.world_size, backend=backend_for(self._device))
         torch.set_num_threads(cfg.trainer.threads or 1)  # as a trainer rank (rlpost.threads)
         torch.manual_seed(cfg.seed)
         self.engine = FSDPEngine(model_path, cfg.model, critic_trainer_config(cfg), trainable=True,
@@ -86,10 +92,13 @@ class CriticGroup:
     def __init__(self, cfg: RunConfig, model_path: str):
         self.cfg = cfg
         self.world_size = cfg.trainer.world_size
-        gpus = 1 if torch.cuda.is_available() else 0
-        self.actors = [CriticActor.options(num_cpus=1, num_gpus=gpus).remote(rank, self.world_size)
+        self._placement = GroupPlacement.create("critic", self.world_size, cfg.critic.gpus_per_rank,
+                                                cfg.critic.resources, cfg.trainer.placement_strategy,
+                                                cfg.ray.placement_timeout_s)
+        self.actors = [CriticActor.options(**self._placement.options(rank)).remote(rank, self.world_size)
                        for rank in range(self.world_size)]
         try:
+            self.devices = started_devices(self.actors, "critic")
             master = self._wait(self.actors[0].rendezvous.remote(), "critic rendezvous", 120)
             self._wait([a.setup.remote(cfg, model_path, master) for a in self.actors], "critic setup")
         except BaseException:
@@ -133,3 +142,6 @@ class CriticGroup:
         """Tear down without asking (peers of a dead rank block in collectives)."""
         for actor in self.actors:
             ray.kill(actor)
+        if self._placement is not None:
+            self._placement.shutdown()
+            self._placement = None

@@ -29,6 +29,7 @@ from rlpost.faults import FaultCounts
 from rlpost.sharding import replica_sampling_params, split_contiguous
 from rlpost.types import Completion, SamplingParams
 from rlpost.workers.cluster import quiet_actor_logs, wait
+from rlpost.workers.placement import GroupPlacement, actor_device
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,14 @@ class RolloutActor:
         threads = cfg.rollout.threads or 1  # resolved by rlpost.threads in rlpost.train
         torch.set_num_threads(threads)
         quiet_actor_logs()
-        self.engine = make_rollout_engine(cfg, model_path, seed=cfg.seed + 1000 * replica)
+        self._device = actor_device(f"rollout replica {replica}")  # raises, naming the node, for a GPU without CUDA
+        self.engine = make_rollout_engine(cfg, model_path, seed=cfg.seed + 1000 * replica, device=self._device)
         torch.set_num_threads(threads)  # after the engine: vLLM's CPU worker sets its own
         self.replica = replica
         self.receiver = None
+
+    def device(self) -> str:
+        return str(self._device)
 
     def pid(self) -> int:
         """The actor's process id (operators and fault-injection tests kill it by pid)."""
@@ -75,7 +80,7 @@ class RolloutActor:
         if self.receiver is not None:  # a rebuilt group: the old one is unusable
             self.receiver.close()
             self.receiver = None
-        self.receiver = WeightReceiver(host, port, self.replica + 1, world_size, timeout_s)
+        self.receiver = WeightReceiver(host, port, self.replica + 1, world_size, timeout_s, device=self._device)
 
     def receive_weights(self, plan, version: int) -> int:
         self.engine.update_weights(self.receiver.receive(plan, version), version)
@@ -89,6 +94,14 @@ class RolloutActor:
 class RolloutGroup:
     def __init__(self, cfg: RunConfig, model_path: str, faults: FaultCounts | None = None, placement=None):
         self.cfg, self.model_path, self.placement = cfg, model_path, placement
+        # Colocated GPUs come with a placement from the driver; otherwise the replicas
+        # get a placement group of their own (a replacement reuses its slot's bundle).
+        self._own_placement = None
+        if placement is None:
+            r = cfg.rollout
+            self.placement = self._own_placement = GroupPlacement.create(
+                "rollout", r.replicas, r.gpus_per_replica, r.resources, r.placement_strategy,
+                cfg.ray.placement_timeout_s)
         # Called before generating; colocation points it at "wake vLLM up".
         self.before_generate = lambda: None
         self.faults = faults if faults is not None else FaultCounts()
@@ -97,10 +110,8 @@ class RolloutGroup:
         self._resync: Callable[[], None] | None = None
 
     def _start(self, replica: int):
-        gpus = 1 if torch.cuda.is_available() else 0
         # Colocated GPUs: replica i shares bundle i with trainer rank i (a replacement too).
-        options = self.placement.options(replica) if self.placement else {"num_cpus": 1, "num_gpus": gpus}
-        return RolloutActor.options(**options).remote(self.cfg, self.model_path, replica)
+        return RolloutActor.options(**self.placement.options(replica)).remote(self.cfg, self.model_path, replica)
 
     @property
     def size(self) -> int:
@@ -181,3 +192,6 @@ class RolloutGroup:
             pass
         for actor in self.actors:
             ray.kill(actor)
+        if self._own_placement is not None:
+            self._own_placement.shutdown()
+            self._own_placement = None

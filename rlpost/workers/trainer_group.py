@@ -11,14 +11,18 @@ checkpoint).
 from __future__ import annotations
 
 import os
+import socket
+import uuid
+from pathlib import Path
 
 import ray
 import torch
 
 from rlpost.config.schema import RunConfig
-from rlpost.errors import TrainerLost
+from rlpost.errors import TrainerLost, WorkerError
 from rlpost.types import TrainBatch
 from rlpost.workers.cluster import free_port, merge_rank_metrics, node_ip, quiet_actor_logs, wait_ranks
+from rlpost.workers.placement import GroupPlacement, actor_device, backend_for, started_devices
 
 
 @ray.remote
@@ -34,6 +38,11 @@ class TrainerActor:
         """The actor's process id (operators and fault-injection tests kill it by pid)."""
         return os.getpid()
 
+    def device(self) -> str:
+        """The device Ray assigned this rank (raises, naming the node, for a GPU without CUDA)."""
+        self._device = actor_device(f"trainer rank {self.rank}")
+        return str(self._device)
+
     def rendezvous(self) -> tuple[str, int]:
         """Address and free port for the torch.distributed group (rank 0 only)."""
         host = node_ip()
@@ -46,7 +55,9 @@ class TrainerActor:
         # FSDP/transformers read these; the group itself is built from an explicit store.
         os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]),
                           RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
-        init_default_group(master[0], master[1], self.rank, self.world_size)
+        # The backend follows the device Ray gave the ranks, not whether CUDA is visible:
+        # a CPU rank on a GPU node sees every GPU.
+        init_default_group(master[0], master[1], self.rank, self.world_size, backend=backend_for(self._device))
         torch.set_num_threads(cfg.trainer.threads or 1)  # resolved by rlpost.threads in rlpost.train
         torch.manual_seed(cfg.seed)
         self._bucket_bytes = int(cfg.weight_sync.bucket_mb * 2**20)
@@ -78,7 +89,7 @@ class TrainerActor:
         if self.rank == 0:
             from rlpost.weight_sync import WeightSender
 
-            self.sender = WeightSender(*self._sender_args)
+            self.sender = WeightSender(*self._sender_args, device=self._device)
 
     def weight_plan(self):
         return self.sender.plan(self.policy.named_weight_shapes()) if self.rank == 0 else None
@@ -106,6 +117,21 @@ class TrainerActor:
         """Forget the IPC engine (replicas were replaced): the next push builds a new one."""
         self._ipc = None
 
+    def probe_run_dir(self, path: str, token: str) -> str:
+        """Write ``token`` into the run directory and read it back (rank 0, at start);
+        returns this node's name for the driver's message."""
+        node = f"{socket.gethostname()} ({node_ip()})"
+        probe = Path(path) / f".storage_probe_{token}"
+        try:
+            probe.write_text(token)
+            back = probe.read_text()
+        except OSError as err:
+            raise WorkerError(f"trainer rank 0 on node {node} cannot write and read the run directory {path}: "
+                              f"{err}. {_SHARED_FS}") from None
+        if back != token:
+            raise WorkerError(f"trainer rank 0 on node {node} wrote {probe} but read back other content. {_SHARED_FS}")
+        return node
+
     def save(self, path: str) -> None:
         from rlpost.utils import rng
 
@@ -129,21 +155,31 @@ class TrainerActor:
         destroy_default_group()
 
 
+_SHARED_FS = ("The run directory (output_dir) must be one filesystem shared by the driver and every trainer "
+              "node (NFS, Lustre, a ReadWriteMany volume) at the same path: checkpoints are written by the "
+              "trainer ranks and read by the driver. See docs/deployment.md#shared-storage")
+
+
 class TrainerGroup:
     def __init__(self, cfg: RunConfig, model_path: str, with_reference: bool, placement=None):
         self.cfg = cfg
         self.world_size = cfg.trainer.world_size
-        gpus = 1 if torch.cuda.is_available() else 0
-        # Colocated GPUs: rank i shares bundle i with rollout replica i (rlpost.workers.colocation).
-        options = (lambda rank: placement.options(rank)) if placement else (lambda rank: {"num_cpus": 1, "num_gpus": gpus})
+        # Colocated GPUs: rank i shares bundle i with rollout replica i (rlpost.workers.colocation);
+        # otherwise the ranks get a placement group of their own, removed with them.
+        self._own_placement = None
+        if placement is None:
+            placement = self._own_placement = GroupPlacement.create(
+                "trainer", self.world_size, cfg.trainer.gpus_per_rank, cfg.trainer.resources,
+                cfg.trainer.placement_strategy, cfg.ray.placement_timeout_s)
         self.actors = [
-            TrainerActor.options(name=None, **options(rank)).remote(rank, self.world_size)
+            TrainerActor.options(name=None, **placement.options(rank)).remote(rank, self.world_size)
             for rank in range(self.world_size)
         ]
         # Called before any trainer compute; colocation points it at "put vLLM to sleep".
         self.before_compute = lambda: None
         self._plan = None
         try:
+            self.devices = started_devices(self.actors, "trainer")
             master = self._wait(self.actors[0].rendezvous.remote(), "trainer rendezvous", 120)
             self._wait([a.setup.remote(cfg, model_path, master, with_reference) for a in self.actors],
                        "trainer setup")
@@ -196,6 +232,26 @@ class TrainerGroup:
         plan = self.weight_plan()
         return [a.send_weights.remote(plan, version) for a in self.actors]
 
+    def check_run_dir(self, path: Path) -> None:
+        """Prove that trainer rank 0 and the driver see the same run directory: rank 0
+        writes a random token there and the driver reads it back. ``WorkerError`` if not."""
+        token = uuid.uuid4().hex
+        try:
+            node = ray.get(self.actors[0].probe_run_dir.remote(str(path), token), timeout=120)
+        except ray.exceptions.RayTaskError as err:
+            raise WorkerError(str(err.cause)) from None
+        probe = Path(path) / f".storage_probe_{token}"
+        try:
+            seen = probe.read_text()
+        except FileNotFoundError:
+            seen = None
+        finally:
+            probe.unlink(missing_ok=True)
+        if seen != token:
+            what = "cannot find it" if seen is None else "reads other content"
+            raise WorkerError(f"trainer rank 0 on node {node} wrote {probe}, but the driver on "
+                              f"{socket.gethostname()} {what}. {_SHARED_FS}")
+
     def save(self, path: str) -> None:
         self._wait([a.save.remote(path) for a in self.actors], "trainer save")
 
@@ -217,3 +273,6 @@ class TrainerGroup:
         blocked in a collective that will never complete."""
         for actor in self.actors:
             ray.kill(actor)
+        if self._own_placement is not None:
+            self._own_placement.shutdown()
+            self._own_placement = None
