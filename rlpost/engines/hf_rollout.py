@@ -51,13 +51,17 @@ _STOP_WINDOW_SLACK = 16  # extra tokens decoded when looking for a stop string
 class HFRolloutEngine:
     """``RolloutEngine`` over ``AutoModelForCausalLM``; holds one policy version."""
 
-    def __init__(self, model_path: str, dtype: str = "float32", seed: int = 0, batch_size: int = 64):
+    def __init__(self, model_path: str, dtype: str = "float32", seed: int = 0, batch_size: int = 64,
+                 num_threads: int | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1 (or None: the process's setting), got {num_threads}")
+        self.num_threads = num_threads
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_path)
             self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype])
@@ -83,6 +87,7 @@ class HFRolloutEngine:
             raise ModelError("the last update_weights failed part-way; the model holds a mix of versions. "
                              "Send a full, valid set of weights before generating again.")
         _check_params(params)
+        use_threads(self.num_threads)
         rows = []
         for i, prompt in enumerate(prompts):
             rows.extend([check_prompt(prompt, i, self.vocab_size)] * params.n)
@@ -229,6 +234,14 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams,
         logprobs = torch.log_softmax(logits, dim=-1)
         tokens = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def use_threads(num_threads: int | None) -> None:
+    """Compute with ``num_threads`` torch threads from here on (None: leave the
+    process's setting). Set at every call, not once: in sync mode the trainer and the
+    rollout engine take turns, and a process hosting both may have changed it since."""
+    if num_threads is not None and torch.get_num_threads() != num_threads:
+        torch.set_num_threads(num_threads)
 
 
 def check_prompt(prompt: Sequence[int], index: int, vocab_size: int) -> list[int]:

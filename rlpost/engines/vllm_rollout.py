@@ -58,6 +58,7 @@ from pathlib import Path
 
 import torch
 
+from rlpost.engines.hf_rollout import use_threads
 from rlpost.errors import ModelError
 from rlpost.types import Completion, SamplingParams
 
@@ -77,11 +78,14 @@ class VLLMRolloutEngine:
 
     def __init__(self, model_path: str, dtype: str = "float32", seed: int = 0, max_model_len: int | None = None,
                  kv_cache_gb: float = 1.0, gpu_memory_utilization: float = 0.5, enforce_eager: bool = True,
-                 colocate: bool = False):
+                 colocate: bool = False, num_threads: int | None = None):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
         if kv_cache_gb < 0:
             raise ValueError(f"kv_cache_gb must be >= 0 (0 = size from gpu_memory_utilization), got {kv_cache_gb}")
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1 (or None: the process's setting), got {num_threads}")
+        self.num_threads = num_threads
         # Must be set before vLLM reads its environment (at engine construction).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
@@ -110,6 +114,7 @@ class VLLMRolloutEngine:
             require_gpus()
             kwargs.update(enable_sleep_mode=True, weight_transfer_config={"backend": "ipc"})
         set_num_threads = torch.set_num_threads
+        use_threads(num_threads)  # before vLLM patches set_num_threads (see _restore_set_num_threads)
         try:
             self.llm = LLM(**kwargs)
         except Exception as exc:
@@ -130,6 +135,7 @@ class VLLMRolloutEngine:
 
         from rlpost.engines.hf_rollout import check_prompt
 
+        use_threads(self.num_threads)
         if not self._weights_ok:
             raise ModelError("the last update_weights failed part-way; the model holds a mix of versions. "
                              "Send a full, valid set of weights before generating again.")
