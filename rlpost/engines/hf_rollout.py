@@ -68,6 +68,7 @@ class HFRolloutEngine:
         except Exception as exc:
             raise ModelError(f"cannot load model/tokenizer from {model_path!r}: {type(exc).__name__}: {exc}") from exc
         self.model.eval().requires_grad_(False)
+        use_grouped_sdpa(self.model)
         self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed)
         self.policy_version = 0
@@ -234,6 +235,43 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams,
         logprobs = torch.log_softmax(logits, dim=-1)
         tokens = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+_GROUPED_SDPA = "rlpost_grouped_sdpa"
+
+
+def use_grouped_sdpa(model) -> bool:
+    """Switch ``model`` from transformers' ``sdpa`` attention to one that hands grouped
+    KV heads (GQA) to SDPA as they are. Returns whether it switched.
+
+    Why: with an attention mask (every left-padded batch has one) transformers 5.19
+    expands the KV heads to the query heads with a copy (``repeat_kv``) at every layer
+    and step, because masked GQA is slow on CUDA. On CPU, SDPA's ``enable_gqa`` with a
+    mask is exact and was about 4x faster per decode step (24M Qwen2, 128 rows, 8:2
+    heads): the copies were about a third of the sampling loop's time. Masks are built
+    as for ``sdpa``. Models on other attention implementations are left alone.
+    """
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    if getattr(model.config, "_attn_implementation", None) != "sdpa" or model.device.type != "cpu":
+        return False
+
+    def grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+        if getattr(module, "num_key_value_groups", 1) == 1 or kwargs.get("cache") is not None or dropout:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, is_causal=is_causal, **kwargs)
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True,
+            is_causal=bool(query.shape[2] > 1 and attention_mask is None and causal))
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register(_GROUPED_SDPA, grouped_sdpa)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(_GROUPED_SDPA, sdpa_mask)
+    model.set_attn_implementation(_GROUPED_SDPA)
+    return True
 
 
 def use_threads(num_threads: int | None) -> None:
