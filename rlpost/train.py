@@ -48,17 +48,17 @@ def run(cfg: RunConfig) -> dict:
     from rlpost.workers.weight_sync_link import WeightSyncLink
 
     torch.set_num_threads(1)
-    # auto -> vllm or hf, decided here once, so every replica runs the same engine and
-    # config.yaml records the one that ran.
-    cfg.rollout.engine = resolve_rollout_engine(cfg.rollout.engine)
+    # The built-in model is built once with its own fixed seed, not the run seed: a
+    # different run seed should not cost a rebuild.
+    model_path = resolve_model_path(cfg.model.path)
+    # auto -> vllm or hf, decided here once (by the model's size on CPU), so every replica
+    # runs the same engine and config.yaml records the one that ran.
+    cfg.rollout.engine = resolve_rollout_engine(cfg.rollout.engine, model_path)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     print(f"rlpost: run directory {out.resolve()}; rollout engine {cfg.rollout.engine}", flush=True)
 
-    # The built-in model is built once with its own fixed seed, not the run seed: a
-    # different run seed should not cost a rebuild.
-    model_path = resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(model_path)
     data_dir = cache_root() / "data"
     train, train_report = load_prompts(cfg.data, tokenizer, "train", seed=cfg.seed, data_dir=data_dir)
