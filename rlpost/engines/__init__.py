@@ -88,13 +88,16 @@ def make_train_engine(backend: str, model_path: str, model_cfg, trainer_cfg, **k
     raise ValueError(f"unknown trainer.backend {backend!r} (fsdp2 | deepspeed)")
 
 
-def make_rollout_engine(cfg: RunConfig, model_path: str, seed: int):
-    """The rollout engine named by ``cfg.rollout.engine``."""
-    engine = resolve_rollout_engine(cfg.rollout.engine)
+def make_rollout_engine(cfg: RunConfig, model_path: str, seed: int, num_threads: int | None = None):
+    """The rollout engine named by ``cfg.rollout.engine``, computing with ``num_threads``
+    torch threads (None: whatever the process has; the actor decides, see
+    docs/performance.md)."""
+    engine = resolve_rollout_engine(cfg.rollout.engine, model_path)
     if engine == "hf":
         from rlpost.engines.hf_rollout import HFRolloutEngine
 
-        return HFRolloutEngine(model_path, dtype=cfg.model.dtype, seed=seed, batch_size=cfg.rollout.batch_size)
+        return HFRolloutEngine(model_path, dtype=cfg.model.dtype, seed=seed, batch_size=cfg.rollout.batch_size,
+                              num_threads=num_threads)
     if engine == "vllm":
         from rlpost.engines.vllm_rollout import VLLMRolloutEngine
 
@@ -103,7 +106,7 @@ def make_rollout_engine(cfg: RunConfig, model_path: str, seed: int):
                                  kv_cache_gb=cfg.rollout.kv_cache_gb,
                                  gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                                  enforce_eager=cfg.rollout.enforce_eager,
-                                 colocate=cfg.rollout.colocate)
+                                 colocate=cfg.rollout.colocate, num_threads=num_threads)
     if engine == "fake":
         from rlpost.engines.fake import FakeRolloutEngine
 

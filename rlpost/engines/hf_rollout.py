@@ -28,6 +28,10 @@ with position ids counted from each row's first real token. Identical prompts in
 chunk (the n samples of a group) are prefilled once and their KV cache copied.
 Finished rows are dropped from the batch and the cache.
 
+Speed. Grouped KV heads go to SDPA as they are (``use_grouped_sdpa``), not copied to
+the query heads at every layer and step; ``num_threads`` torch threads are set at every
+``generate`` (None: the process's setting).
+
 Randomness: one ``torch.Generator`` seeded from ``seed`` serves all calls, so a
 fixed seed and the same sequence of calls reproduce the same completions;
 ``SamplingParams.seed`` gives one call its own generator instead.

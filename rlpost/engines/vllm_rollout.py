@@ -30,6 +30,13 @@ request whose prefill is chunked crashes the CPU sampler (chunked prefill is off
 and the CPU worker replaces ``torch.set_num_threads`` process-wide
 (``_restore_set_num_threads``).
 
+Threads. In-process vLLM computes with this process's torch intra-op threads; its
+``VLLM_CPU_OMP_THREADS_BIND`` / ``VLLM_CPU_NUM_OF_RESERVED_CPU`` only act on the worker
+processes of the multiprocess executor, which this engine does not use. So
+``num_threads`` is applied with ``torch.set_num_threads`` at construction and at every
+``generate`` (in sync mode the trainer may have changed it in between); None leaves
+the process's setting.
+
 Weight updates go through vLLM's in-place reload (``reload_weights``, the
 checkpoint-format path that re-runs any weight repacking the CPU kernels need): the
 incoming ``(HF name, tensor)`` iterator is streamed straight into the model loader,
