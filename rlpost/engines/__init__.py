@@ -11,11 +11,11 @@ from rlpost.config.schema import RunConfig
 log = logging.getLogger(__name__)
 
 
-# rollout.engine=auto on CPU: below this many parameters the HF engine samples at
-# least as fast as vLLM (Python and scheduling overhead, not matmuls, set the pace),
-# so it is used even where vLLM is installed. Measured with scripts/bench_rollout.py,
-# docs/performance.md "Rollout engines".
-AUTO_VLLM_MIN_PARAMS_CPU = 50_000_000
+# rollout.engine=auto on CPU: below this many parameters the HF engine sampled faster
+# than vLLM on the reference 2-core CPU (0.6M and 24M Qwen2s; at 100M the two were
+# even), so it is used even where vLLM is installed. Measured with
+# scripts/bench_rollout.py, docs/performance.md "Rollout engines".
+AUTO_VLLM_MIN_PARAMS_CPU = 100_000_000
 
 
 def resolve_rollout_engine(name: str, model_path: str | None = None) -> str:
