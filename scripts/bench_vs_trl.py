@@ -42,6 +42,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -173,6 +174,7 @@ def run_trl(python: Path, model_dir: str, data: Path, threads: int, args) -> dic
 
 def run_rlpost(model_dir: str, data: Path, args) -> list[dict]:
     out = args.out / "rlpost"
+    shutil.rmtree(out, ignore_errors=True)  # a previous run's metrics.jsonl must not be read back
     cmd = [sys.executable, "-m", "rlpost.train", "+recipe=grpo_math", f"model.path={model_dir}",
            "data.source=files", f"data.train_files=[{data}]", "data.val_files=[]", "data.shuffle=false",
            f"data.train_batch_size={args.prompts}", f"rollout.n={args.n}", f"rollout.max_new_tokens={args.max_new_tokens}",
