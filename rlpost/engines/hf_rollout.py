@@ -259,11 +259,12 @@ def use_grouped_sdpa(model) -> bool:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    if getattr(model.config, "_attn_implementation", None) != "sdpa" or model.device.type != "cpu":
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
         return False
 
     def grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-        if getattr(module, "num_key_value_groups", 1) == 1 or kwargs.get("cache") is not None or dropout:
+        if (getattr(module, "num_key_value_groups", 1) == 1 or query.device.type != "cpu"
+                or kwargs.get("cache") is not None or dropout):  # e.g. moved to a GPU later: transformers' path
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, is_causal=is_causal, **kwargs)
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
