@@ -88,16 +88,16 @@ def measure_cpu_peak(cores: int, size: int = 512, seconds: float = 0.25) -> floa
         torch.set_num_threads(before)
 
 
-def peak_flops(cache_dir: Path | None, gpus: int = 0) -> tuple[float, str]:
+def peak_flops(cache_dir: Path | None, gpus: int = 0, gpu_name: str | None = None) -> tuple[float, str]:
     """(peak FLOP/s of the devices in use, how it was found). GPUs: datasheet x
-    ``gpus``; CPU: ``measure_cpu_peak`` (a quarter second), and the best
+    ``gpus`` for ``gpu_name`` (the cluster's accelerator type, e.g. "H100"); CPU, or a
+    GPU not in the table: ``measure_cpu_peak`` (a quarter second), and the best
     rate ever seen on this CPU model and core count, kept in ``cache_dir/cpu_peak.json``:
     a start on a busy machine measures low, and must not lower the peak."""
-    if gpus > 0 and torch.cuda.is_available():
-        name = torch.cuda.get_device_name(0)
+    if gpus > 0 and gpu_name:
         for fragment, peak in GPU_PEAK_BF16.items():
-            if fragment in name:
-                return peak * gpus, f"{gpus} x {name} datasheet bf16 {peak / 1e12:.0f} TFLOP/s"
+            if fragment in gpu_name:
+                return peak * gpus, f"{gpus} x {gpu_name} datasheet bf16 {peak / 1e12:.0f} TFLOP/s"
     cpus = os.cpu_count() or 1
     key = f"{_cpu_model()}|{cpus}"
     path = cache_dir / "cpu_peak.json" if cache_dir else None

@@ -54,18 +54,15 @@ def run(cfg: RunConfig) -> dict:
     from rlpost.workers.weight_sync_link import WeightSyncLink
 
     torch.set_num_threads(1)
-    # auto -> vllm or hf, decided here once, so every replica runs the same engine and
-    # config.yaml records the one that ran.
-    cfg.rollout.engine = resolve_rollout_engine(cfg.rollout.engine)
-    _resolve_threads(cfg)
-    out = Path(cfg.output_dir).resolve()  # absolute: actors on other nodes get this path
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"rlpost: run directory {out}; rollout engine {cfg.rollout.engine}; threads per trainer rank "
-          f"{cfg.trainer.threads}, per rollout replica {cfg.rollout.threads}", flush=True)
-
     # The built-in model is built once with its own fixed seed, not the run seed: a
     # different run seed should not cost a rebuild.
     model_path = resolve_model_path(cfg.model.path)
+    _resolve_threads(cfg)
+    out = Path(cfg.output_dir).resolve()  # absolute: actors on other nodes get this path
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"rlpost: run directory {out}; threads per trainer rank {cfg.trainer.threads}, per rollout "
+          f"replica {cfg.rollout.threads}", flush=True)
+
     tokenizer = load_tokenizer(model_path)
     data_dir = cache_root() / "data"
 
@@ -92,7 +89,6 @@ def run(cfg: RunConfig) -> dict:
         return {}
 
     use_reference = cfg.algorithm.kl_coef > 0
-    peak = _peak(cfg)  # before any actor starts: it times the cores
     started = start_cluster(cfg)
     # After ray.init, which may install its own; a second Ctrl-C ends the Ray instance we started.
     stop_flag = _install_stop_handlers(kill_started_cluster if started else lambda: None)
@@ -101,10 +97,15 @@ def run(cfg: RunConfig) -> dict:
     try:
         # GPU counts from the cluster (never the driver's hardware), so config.yaml and
         # the tracker record what the actors asked for.
-        resolve_placement(cfg)
+        accelerator = resolve_placement(cfg)
+        # auto -> vllm or hf, decided here once (by the model's size on CPU replicas), so
+        # every replica runs the same engine and config.yaml records the one that ran.
+        cfg.rollout.engine = resolve_rollout_engine(cfg.rollout.engine, model_path,
+                                                    gpu=bool(cfg.rollout.gpus_per_replica))
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         print(f"rlpost: placement: trainer {cfg.trainer.gpus_per_rank} GPU/rank, rollout "
-              f"{cfg.rollout.gpus_per_replica} GPU/replica", flush=True)
+              f"{cfg.rollout.gpus_per_replica} GPU/replica; rollout engine {cfg.rollout.engine}", flush=True)
+        peak = _peak(cfg, accelerator)  # before any actor starts: on CPU it times the cores
         tracker = Tracker(cfg.logger, out, cfg.trainer.total_steps, to_dict(cfg))
         faults = FaultCounts()  # failures survived (replaced actors, trainer rebuilds), logged every step
         placement = None
@@ -191,16 +192,16 @@ def _matmul_params(cfg: RunConfig, model_path: str) -> int:
     return matmul_params(model_path, cfg.model.trust_remote_code)
 
 
-def _peak(cfg: RunConfig) -> tuple[float, str, int]:
-    """(peak FLOP/s, how it was found, GPUs in use) for perf/mfu (rlpost.perf)."""
-    import torch
-
+def _peak(cfg: RunConfig, accelerator: str | None) -> tuple[float, str, int]:
+    """(peak FLOP/s, how it was found, GPUs in use) for perf/mfu (rlpost.perf), from the
+    GPUs the placement gave the actors and the cluster's accelerator type, not from
+    the driver's hardware."""
     from rlpost.perf import peak_flops
 
-    gpus = 0
-    if torch.cuda.is_available():
-        gpus = cfg.trainer.world_size + (0 if cfg.rollout.colocate else cfg.rollout.replicas)
-    return (*peak_flops(cache_root() / "perf", gpus), gpus)
+    gpus = cfg.trainer.world_size * (cfg.trainer.gpus_per_rank > 0)
+    if not cfg.rollout.colocate:
+        gpus += cfg.rollout.replicas * (cfg.rollout.gpus_per_replica > 0)
+    return (*peak_flops(cache_root() / "perf", gpus, accelerator), gpus)
 
 
 def _step_perf(cfg: RunConfig, n_params: int, peak: float, how: str, gpus: int):

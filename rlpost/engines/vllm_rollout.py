@@ -30,6 +30,13 @@ request whose prefill is chunked crashes the CPU sampler (chunked prefill is off
 and the CPU worker replaces ``torch.set_num_threads`` process-wide
 (``_restore_set_num_threads``).
 
+Threads. In-process vLLM computes with this process's torch intra-op threads; its
+``VLLM_CPU_OMP_THREADS_BIND`` / ``VLLM_CPU_NUM_OF_RESERVED_CPU`` only act on the worker
+processes of the multiprocess executor, which this engine does not use. So
+``num_threads`` is applied with ``torch.set_num_threads`` at construction and at every
+``generate`` (in sync mode the trainer may have changed it in between); None leaves
+the process's setting.
+
 Weight updates go through vLLM's in-place reload (``reload_weights``, the
 checkpoint-format path that re-runs any weight repacking the CPU kernels need): the
 incoming ``(HF name, tensor)`` iterator is streamed straight into the model loader,
@@ -58,6 +65,7 @@ from pathlib import Path
 
 import torch
 
+from rlpost.engines.hf_rollout import use_threads
 from rlpost.errors import ModelError
 from rlpost.types import Completion, SamplingParams
 
@@ -77,11 +85,14 @@ class VLLMRolloutEngine:
 
     def __init__(self, model_path: str, dtype: str = "float32", seed: int = 0, max_model_len: int | None = None,
                  kv_cache_gb: float = 1.0, gpu_memory_utilization: float = 0.5, enforce_eager: bool = True,
-                 colocate: bool = False):
+                 colocate: bool = False, num_threads: int | None = None):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
         if kv_cache_gb < 0:
             raise ValueError(f"kv_cache_gb must be >= 0 (0 = size from gpu_memory_utilization), got {kv_cache_gb}")
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1 (or None: the process's setting), got {num_threads}")
+        self.num_threads = num_threads
         # Must be set before vLLM reads its environment (at engine construction).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
@@ -110,6 +121,7 @@ class VLLMRolloutEngine:
             require_gpus()
             kwargs.update(enable_sleep_mode=True, weight_transfer_config={"backend": "ipc"})
         set_num_threads = torch.set_num_threads
+        use_threads(num_threads)  # before vLLM patches set_num_threads (see _restore_set_num_threads)
         try:
             self.llm = LLM(**kwargs)
         except Exception as exc:
@@ -130,6 +142,7 @@ class VLLMRolloutEngine:
 
         from rlpost.engines.hf_rollout import check_prompt
 
+        use_threads(self.num_threads)
         if not self._weights_ok:
             raise ModelError("the last update_weights failed part-way; the model holds a mix of versions. "
                              "Send a full, valid set of weights before generating again.")

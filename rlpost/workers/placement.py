@@ -45,9 +45,14 @@ def resolve_gpus(cfg: RunConfig, cluster_gpus: float) -> None:
         setattr(section, key, gpus_of(getattr(section, key), cluster_gpus))
 
 
-def resolve_placement(cfg: RunConfig) -> None:
-    """``resolve_gpus`` from the running cluster's declared resources."""
-    resolve_gpus(cfg, ray.cluster_resources().get("GPU", 0.0))
+def resolve_placement(cfg: RunConfig) -> str | None:
+    """``resolve_gpus`` from the running cluster's declared resources; returns the
+    cluster's GPU model as Ray reports it (its ``accelerator_type:<name>`` resource,
+    e.g. "H100"), None without one."""
+    resources = ray.cluster_resources()
+    resolve_gpus(cfg, resources.get("GPU", 0.0))
+    types = sorted(k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:"))
+    return types[0] if types else None
 
 
 @dataclass

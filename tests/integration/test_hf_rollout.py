@@ -40,3 +40,21 @@ class TestHFRolloutEngine(RolloutEngineContract):
         halved = {**state, "lm_head.weight": state["lm_head.weight"] / 2}
         engine.update_weights(((k, v) for k, v in halved.items() if k != "model.embed_tokens.weight"), 4)
         assert torch.equal(engine.model.model.embed_tokens.weight, halved["lm_head.weight"])
+
+    def test_grouped_kv_heads_reach_sdpa_without_copies(self, model_dir):
+        # The contract's log-prob tests above compare this engine with plain sdpa attention.
+        engine = HFRolloutEngine(model_dir)
+        assert engine.model.config.num_key_value_heads < engine.model.config.num_attention_heads
+        assert engine.model.config._attn_implementation == "rlpost_grouped_sdpa"
+
+    def test_generate_computes_with_the_engines_thread_count(self, model_dir, prompts):
+        with pytest.raises(ValueError, match="num_threads"):
+            HFRolloutEngine(model_dir, num_threads=0)
+        before = torch.get_num_threads()
+        try:
+            engine = HFRolloutEngine(model_dir, num_threads=1)
+            torch.set_num_threads(2)  # e.g. a trainer in the same process between two calls
+            engine.generate(prompts, SamplingParams(max_new_tokens=2))
+            assert torch.get_num_threads() == 1
+        finally:
+            torch.set_num_threads(before)

@@ -62,6 +62,19 @@ class TestVLLMRolloutEngine(RolloutEngineContract):
         with pytest.raises(ValueError, match="top_p"):
             engine.generate([[3]], SamplingParams(top_p=0.0))
 
+    def test_generate_computes_with_the_engines_thread_count(self, engine, model_dir, prompts):
+        with pytest.raises(ValueError, match="num_threads"):
+            VLLMRolloutEngine(model_dir, num_threads=0)
+        before = torch.get_num_threads()
+        try:
+            engine.num_threads = 1  # what the constructor's num_threads=1 stores
+            torch.set_num_threads(2)  # e.g. a trainer in the same process between two calls
+            engine.generate(prompts, SamplingParams(max_new_tokens=2))
+            assert torch.get_num_threads() == 1
+        finally:
+            engine.num_threads = None
+            torch.set_num_threads(before)
+
     def test_tied_embeddings_accept_either_name(self, tmp_path, tokenizer, prompts):
         from safetensors.torch import load_file
 
