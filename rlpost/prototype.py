@@ -6,8 +6,9 @@ reward functions, in a notebook, with the same pieces training uses.
     table = score_table(samples, {"math": math_reward, "mine": my_reward})
     view(table)
 
-Same as training: completions come from ``HFRolloutEngine`` (the rollout engine of
-``rollout.engine=hf``) on the chat-templated prompt, and scores from
+Same as training: completions come from the rollout engine training would pick
+(``rollout.engine=auto``: vLLM or the HF engine, by what is installed, the device and the
+model's size; or the one named by ``engine=``) on the chat-templated prompt, and scores from
 ``rlpost.rewards.score_batch`` with the training per-sample timeout, so an exception,
 timeout or bad return value shows up here exactly as it would count in a run (an
 error, excluded from group statistics). A reward function that works here is used
@@ -43,12 +44,28 @@ class Sample:
     num_tokens: int = 0
 
 
+# Most tokens of prompt + completion vLLM is sized for (its max_model_len), within the
+# model's own limit; the HF engine has none.
+_MAX_MODEL_TOKENS = 2048
+
+
 @lru_cache(maxsize=2)
-def _engine(model: str, dtype: str, seed: int):
-    from rlpost.engines.hf_rollout import HFRolloutEngine
+def _engine(model: str, dtype: str, seed: int, engine: str = "auto"):
+    """The engine ``rollout.engine=<engine>`` gives training for this model, resolved
+    the same way (``rlpost.engines.resolve_rollout_engine``), on this machine."""
+    from transformers import AutoConfig
+
+    from rlpost.config.load import load_config
+    from rlpost.engines import make_rollout_engine, resolve_rollout_engine
     from rlpost.models.loading import resolve_model_path
 
-    return HFRolloutEngine(resolve_model_path(model, seed=seed), dtype=dtype, seed=seed)
+    path = resolve_model_path(model, seed=seed)
+    name = resolve_rollout_engine(engine, path)
+    limit = min(getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None) or _MAX_MODEL_TOKENS,
+                _MAX_MODEL_TOKENS)
+    cfg = load_config([f"model.dtype={dtype}", f"rollout.engine={name}", f"data.max_prompt_tokens={limit // 2}",
+                       f"rollout.max_new_tokens={limit - limit // 2}"])
+    return make_rollout_engine(cfg, path, seed)
 
 
 def load_math_prompts(split: str = "val", limit: int | None = 8, model: str = "builtin:tiny-math",
@@ -67,22 +84,23 @@ def load_math_prompts(split: str = "val", limit: int | None = 8, model: str = "b
 def sample_completions(model: str = "builtin:tiny-math", prompts: Sequence[PromptSample | str | Mapping] = (),
                        n: int = 4, temperature: float = 1.0, max_new_tokens: int = 48, top_p: float = 1.0,
                        top_k: int = -1, stop: Sequence[str] = (), seed: int = 0,
-                       dtype: str = "float32") -> list[Sample]:
+                       dtype: str = "float32", engine: str = "auto") -> list[Sample]:
     """``n`` completions per prompt from ``model`` (anything ``model.path`` accepts).
 
     ``prompts`` are ``PromptSample``s (``load_math_prompts``), plain question strings
     (no ground truth), or dicts with ``prompt`` and ``answer`` keys; strings and dicts
     are chat-templated as the data loader does. The engine is loaded once per
-    (model, dtype, seed) and reused by later calls; ``seed`` also fixes the draw."""
+    (model, dtype, seed, engine) and reused by later calls; ``seed`` also fixes the draw.
+    ``engine`` is ``rollout.engine``: ``auto`` (what training picks), ``vllm`` or ``hf``."""
     from rlpost.data.dataset import template_prompt
 
-    engine = _engine(model, dtype, seed)
-    rows = [_as_prompt_sample(p, i, engine.tokenizer, template_prompt) for i, p in enumerate(prompts)]
+    rollout = _engine(model, dtype, seed, engine)
+    rows = [_as_prompt_sample(p, i, rollout.tokenizer, template_prompt) for i, p in enumerate(prompts)]
     if not rows:
         raise ValueError("sample_completions needs at least one prompt (see load_math_prompts)")
     params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k,
                             max_new_tokens=max_new_tokens, stop=tuple(stop), seed=seed)
-    groups = engine.generate([list(p.prompt_ids) for p in rows], params)
+    groups = rollout.generate([list(p.prompt_ids) for p in rows], params)
     return [Sample(prompt=p.question, completion=c.text, answer=p.answer, metadata=dict(p.metadata), uid=p.uid,
                    sample_index=k, finish_reason=c.finish_reason, num_tokens=len(c.token_ids))
             for p, group in zip(rows, groups) for k, c in enumerate(group)]

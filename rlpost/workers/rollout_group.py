@@ -43,8 +43,10 @@ class RolloutActor:
         torch.set_num_threads(threads)
         quiet_actor_logs()
         self._device = actor_device(f"rollout replica {replica}")  # raises, naming the node, for a GPU without CUDA
-        self.engine = make_rollout_engine(cfg, model_path, seed=cfg.seed + 1000 * replica, device=self._device)
-        torch.set_num_threads(threads)  # after the engine: vLLM's CPU worker sets its own
+        # The engine applies the count around every generate (vLLM's CPU worker sets its own at start).
+        self.engine = make_rollout_engine(cfg, model_path, seed=cfg.seed + 1000 * replica, device=self._device,
+                                          num_threads=threads)
+        torch.set_num_threads(threads)  # for the weight loads between generates
         self.replica = replica
         self.receiver = None
 
