@@ -47,7 +47,7 @@ import torch.distributed as dist
 from rlpost.config.schema import ModelConfig, TrainerConfig
 from rlpost.engines import hf_io, lora, microbatch
 from rlpost.engines.base import LossFn
-from rlpost.engines.fsdp import MODEL_FILE, OPTIMIZER_FILE, lr_factor
+from rlpost.engines.fsdp import MODEL_FILE, OPTIMIZER_FILE, lr_factor, sequence_values
 from rlpost.errors import ConfigError, ModelError
 from rlpost.types import ModelOutput, TrainBatch
 
@@ -105,7 +105,10 @@ class DeepSpeedEngine:
     """Implements ``rlpost.engines.base.TrainEngine`` with DeepSpeed ZeRO 1/2/3."""
 
     def __init__(self, model_path: str, model_cfg: ModelConfig, trainer_cfg: TrainerConfig | None,
-                 trainable: bool = True, seed: int = 0, logit_temperature: float = 1.0) -> None:
+                 trainable: bool = True, seed: int = 0, logit_temperature: float = 1.0, head: str = "lm") -> None:
+        if head not in ("lm", "value"):
+            raise ValueError(f"head must be 'lm' (policy/reference) or 'value' (critic), got {head!r}")
+        self.head = head
         if not dist.is_initialized():
             raise RuntimeError("DeepSpeedEngine needs torch.distributed initialised first (gloo on CPU, nccl on GPU)")
         if trainable and trainer_cfg is None:
@@ -117,19 +120,20 @@ class DeepSpeedEngine:
         self.dtype = _DTYPES[model_cfg.dtype]
         self.opts = microbatch.ForwardOptions(
             logit_temperature=logit_temperature if logit_temperature > 0 else 1.0,
-            packing=bool(trainer_cfg and trainer_cfg.packing),
+            packing=bool(trainer_cfg and trainer_cfg.packing) and head == "lm",  # a critic runs padded rows
             logprob_chunk_tokens=trainer_cfg.logprob_chunk_tokens if trainer_cfg else 0)
         torch.manual_seed(seed)
-        model = hf_io.load_causal_lm(model_path, model_cfg, torch.float32 if trainable else self.dtype,
-                                     gradient_checkpointing=trainable and model_cfg.gradient_checkpointing)
+        load = hf_io.load_value_model if head == "value" else hf_io.load_causal_lm
+        model = load(model_path, model_cfg, torch.float32 if trainable else self.dtype,
+                     gradient_checkpointing=trainable and model_cfg.gradient_checkpointing)
         self._aliases = hf_io.shared_parameter_aliases(model)
         self.engine = self.optimizer = self.scheduler = None
         if not trainable:
             self.model = model.to(self.device).requires_grad_(False).eval()
             self._export = [lora.ExportedTensor(n, t) for n, t in self.model.state_dict(keep_vars=True).items()]
             return
-        self.lora = model_cfg.lora.rank > 0
-        if self.lora:  # the reference (frozen) stays the plain base model
+        self.lora = head == "lm" and model_cfg.lora.rank > 0
+        if self.lora:  # the reference (frozen) and a critic stay plain, as in FSDPEngine
             model = lora.apply_lora(model, model_cfg.lora, model_cfg.gradient_checkpointing)
         deepspeed = _import_deepspeed()
         _drop_stale_world_group()
@@ -163,7 +167,18 @@ class DeepSpeedEngine:
         return microbatch.pad_count(parts, self.device)
 
     def _forward(self, mb: TrainBatch, with_entropy: bool) -> ModelOutput:
+        if self.head == "value":
+            mask = mb.attention_mask
+            position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)  # right padding, as microbatch.forward
+            head_out = (self.engine or self.model)(input_ids=mb.input_ids, attention_mask=mask,
+                                                   position_ids=position_ids, use_cache=False).logits
+            return ModelOutput(logprobs=None, values=sequence_values(head_out, mask))
         return microbatch.forward(self.engine or self.model, mb, self.opts, with_entropy)
+
+    def _dummy_loss(self) -> torch.Tensor:
+        """A zero loss over a dummy forward: keeps collectives in step, adds no gradient."""
+        out = self._forward(microbatch.dummy_batch(self.device), with_entropy=False)
+        return (out.values if self.head == "value" else out.logprobs).sum() * 0.0
 
     @torch.no_grad()
     def forward_logprobs(self, batch: TrainBatch, *, with_entropy: bool = False,
@@ -184,6 +199,22 @@ class DeepSpeedEngine:
         return ModelOutput(logprobs=microbatch.scatter_rows(logprobs, shape),
                            entropy=microbatch.scatter_rows(entropy, shape) if with_entropy else None)
 
+    @torch.no_grad()
+    def forward_values(self, batch: TrainBatch, *, micro_batch_size: int | None = None) -> ModelOutput:
+        """Value model only: ``ModelOutput.values`` [B, T] float32 on CPU, no gradient.
+        Collective. ``micro_batch_size`` defaults to ``trainer.micro_batch_size``."""
+        if self.head != "value":
+            raise RuntimeError("forward_values needs a DeepSpeedEngine built with head='value'")
+        size = micro_batch_size or self.trainer_cfg.micro_batch_size
+        self.model.eval()
+        values = []
+        for mb in self._micro_batches(batch, size):
+            if mb is None:
+                self._forward(microbatch.dummy_batch(self.device), with_entropy=False)
+                continue
+            values.append((mb.rows, self._forward(microbatch.to_device(mb.batch, self.device), False).values))
+        return ModelOutput(logprobs=None, values=microbatch.scatter_rows(values, tuple(batch.input_ids.shape)))
+
     # ---------------------------------------------------------------- train
     def train_step(self, batch: TrainBatch, loss_fn: LossFn, micro_batch_size: int, *,
                    return_logprobs: bool = False):
@@ -202,7 +233,7 @@ class DeepSpeedEngine:
             last = i == len(mbs) - 1
             self.engine.set_gradient_accumulation_boundary(last)
             if mb is None:  # keeps the collectives in step; contributes zero gradient
-                loss = self._forward(microbatch.dummy_batch(self.device), with_entropy=False).logprobs.sum() * 0.0
+                loss = self._dummy_loss()
             else:
                 data = microbatch.to_device(mb.batch, self.device)
                 out = self._forward(data, with_entropy=True)
@@ -354,7 +385,7 @@ class DeepSpeedEngine:
         for g in self.optimizer.param_groups:
             g["lr"] = 0.0
         self.engine.set_gradient_accumulation_boundary(True)
-        loss = self._forward(microbatch.dummy_batch(self.device), with_entropy=False).logprobs.sum() * 0.0
+        loss = self._dummy_loss()
         self.engine.backward(loss, scale_wrt_gas=False)
         self.engine.step()
         for g, lr in zip(self.optimizer.param_groups, saved):

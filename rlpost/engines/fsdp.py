@@ -179,34 +179,8 @@ class FSDPEngine:
                                     gradient_checkpointing=self.trainable and self.model_cfg.gradient_checkpointing)
 
     def _load_value_model(self, model_path: str, dtype: torch.dtype) -> torch.nn.Module:
-        """The base model of ``model_path`` with a scalar head (``*ForTokenClassification``,
-        one label) instead of the LM head: a PPO critic. A head missing from the folder
-        (a policy checkpoint) starts at zero, so every value starts at 0 instead of at
-        noise; no dropout before it, so old and new values come from the same function."""
-        from transformers import AutoConfig, AutoModelForTokenClassification
-        from transformers.utils import logging as hf_logging
-
-        remote = self.model_cfg.trust_remote_code
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # its "score.* MISSING" load report is expected here
-        try:
-            config = AutoConfig.from_pretrained(model_path, num_labels=1, trust_remote_code=remote)
-            config.classifier_dropout = 0.0  # HF's default for models without one is 0.1
-            model, info = AutoModelForTokenClassification.from_pretrained(
-                model_path, config=config, dtype=dtype, output_loading_info=True, trust_remote_code=remote)
-        except (OSError, ValueError) as e:
-            raise ModelError(f"cannot load {model_path!r} as a value model (AutoModelForTokenClassification): {e}") from e
-        finally:
-            hf_logging.set_verbosity(verbosity)
-        missing = set(info["missing_keys"])
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name in missing:  # the fresh head (``score.*`` in Qwen2/Llama)
-                    param.zero_()
-        model.config.use_cache = False
-        if self.trainable and self.model_cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return model
+        return hf_io.load_value_model(model_path, self.model_cfg, dtype,
+                                      gradient_checkpointing=self.trainable and self.model_cfg.gradient_checkpointing)
 
     def _shard(self, mixed: bool) -> None:
         mesh = init_device_mesh(self.device.type, (self.world_size,))

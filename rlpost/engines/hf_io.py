@@ -36,6 +36,39 @@ def load_causal_lm(model_path: str, model_cfg: ModelConfig, dtype: torch.dtype,
     return model
 
 
+def load_value_model(model_path: str, model_cfg: ModelConfig, dtype: torch.dtype,
+                     gradient_checkpointing: bool = False) -> torch.nn.Module:
+    """The base model of ``model_path`` with a scalar head (``*ForTokenClassification``,
+    one label) instead of the LM head: a PPO critic, for either training engine. A head
+    missing from the folder (a policy checkpoint) starts at zero, so every value starts
+    at 0 instead of at noise; no dropout before it, so old and new values come from the
+    same function."""
+    from transformers import AutoConfig, AutoModelForTokenClassification
+    from transformers.utils import logging as hf_logging
+
+    remote = model_cfg.trust_remote_code
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its "score.* MISSING" load report is expected here
+    try:
+        config = AutoConfig.from_pretrained(model_path, num_labels=1, trust_remote_code=remote)
+        config.classifier_dropout = 0.0  # HF's default for models without one is 0.1
+        model, info = AutoModelForTokenClassification.from_pretrained(
+            model_path, config=config, dtype=dtype, output_loading_info=True, trust_remote_code=remote)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load {model_path!r} as a value model (AutoModelForTokenClassification): {e}") from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = set(info["missing_keys"])
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in missing:  # the fresh head (``score.*`` in Qwen2/Llama)
+                param.zero_()
+    model.config.use_cache = False
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
 def shared_parameter_aliases(model: torch.nn.Module) -> dict[str, str]:
     """{alias: first name} for parameters registered under several names (tied
     embeddings: ``lm_head.weight`` -> ``model.embed_tokens.weight``)."""

@@ -54,15 +54,16 @@ class CriticActor:
     def setup(self, cfg: RunConfig, model_path: str, master: tuple[str, int]) -> None:
         from rlpost.critic import critic_trainer_config
         from rlpost.distributed import init_default_group
-        from rlpost.engines.fsdp import FSDPEngine
+        from rlpost.engines import make_train_engine
 
         os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]),
                           RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
         init_default_group(master[0], master[1], self.rank, self.world_size, backend=backend_for(self._device))
         torch.set_num_threads(cfg.trainer.threads or 1)  # as a trainer rank (rlpost.threads)
         torch.manual_seed(cfg.seed)
-        self.engine = FSDPEngine(model_path, cfg.model, critic_trainer_config(cfg), trainable=True,
-                                 seed=cfg.seed, head="value")
+        critic_cfg = critic_trainer_config(cfg)  # trainer.backend and its ZeRO stage, the critic's optimizer
+        self.engine = make_train_engine(critic_cfg.backend, model_path, cfg.model, critic_cfg, trainable=True,
+                                        seed=cfg.seed, head="value")
 
     def forward_values(self, shard: TrainBatch, micro_batch_size: int) -> torch.Tensor:
         return self.engine.forward_values(shard, micro_batch_size=micro_batch_size).values

@@ -69,3 +69,21 @@ def test_value_loss_goes_down_and_checkpoint_round_trips(process_group, tmp_path
     assert not torch.equal(engine.forward_values(data).values, saved)
     engine.load(str(tmp_path / "critic"))
     assert torch.equal(engine.forward_values(data).values, saved)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_critic_fits_like_the_fsdp2_critic(process_group, stage):
+    """trainer.backend=deepspeed gives PPO's critic a DeepSpeed engine: the same fresh
+    head at zero, the same losses and values after the same updates as FSDP2's."""
+    from rlpost.engines.deepspeed import DeepSpeedEngine
+
+    path = resolve_model_path("builtin:tiny-math")
+    deepspeed = DeepSpeedEngine(path, ModelConfig(), TrainerConfig(backend="deepspeed", zero_stage=stage, lr=3e-3,
+                                                                   micro_batch_size=2), head="value")
+    fsdp = critic(lr=3e-3)
+    assert torch.equal(deepspeed.forward_values(batch()).values, torch.zeros(2, 6))
+    ds_data, fsdp_data = batch(), batch()
+    ds_losses, fsdp_losses = fit(deepspeed, ds_data, steps=3), fit(fsdp, fsdp_data, steps=3)
+    assert ds_losses[0] > ds_losses[-1]
+    assert ds_losses == pytest.approx(fsdp_losses, rel=1e-4, abs=1e-7)
+    assert torch.allclose(deepspeed.forward_values(ds_data).values, fsdp.forward_values(fsdp_data).values, atol=1e-5)
