@@ -59,6 +59,7 @@ rank: sleep mode plus vLLM's CUDA IPC weight-transfer engine) is in
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -128,6 +129,7 @@ class VLLMRolloutEngine:
             raise ModelError(f"vLLM cannot load {model_path!r}: {type(exc).__name__}: {exc}") from exc
         finally:
             _restore_set_num_threads(set_num_threads)
+        quiet_weightless_reload_warnings(tied_head=self._tied)
         self.tokenizer = self.llm.get_tokenizer()
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
         self.generator = torch.Generator().manual_seed(seed)
@@ -379,3 +381,34 @@ def _restore_set_num_threads(original) -> None:
     """
     if torch.set_num_threads is not original:
         torch.set_num_threads = original
+
+
+# vLLM 0.32's layerwise reload (model_executor/model_loader/reload/layerwise.py) logs
+# "<Layer>: Failed to load weights" at WARNING on every in-place update for layers that
+# received nothing, including layers with no weights of their own: rotary embeddings
+# (buffers computed from the config) and, with tied embeddings, the LM head (its weight
+# is the embedding's, sent once). For those the message is noise that reads like an
+# error; for any other layer it is kept.
+_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+class _WeightlessReloadFilter(logging.Filter):
+    def __init__(self, tied_head: bool):
+        super().__init__()
+        self.tied_head = tied_head
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != "%s: Failed to load weights" or not record.args:
+            return True
+        layer = str(record.args[0])
+        weightless = "RotaryEmbedding" in layer or (self.tied_head and layer == "ParallelLMHead")
+        return not weightless
+
+
+def quiet_weightless_reload_warnings(tied_head: bool) -> None:
+    """Drop vLLM's reload warning for layers without weights of their own (see above);
+    once per process, whatever the number of engines."""
+    logger = logging.getLogger(_RELOAD_LOGGER)
+    for old in [f for f in logger.filters if isinstance(f, _WeightlessReloadFilter)]:
+        logger.removeFilter(old)
+    logger.addFilter(_WeightlessReloadFilter(tied_head))

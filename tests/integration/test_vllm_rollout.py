@@ -102,6 +102,47 @@ class TestVLLMRolloutEngine(RolloutEngineContract):
         engine.update_weights({**rest, "lm_head.weight": embed}.items(), 3)
         assert [g[0].logprobs for g in engine.generate(prompts, greedy)] == [g[0].logprobs for g in before]
 
+    def test_reloads_do_not_warn_about_layers_without_weights_of_their_own(self, tmp_path, tokenizer):
+        """vLLM 0.32 warns "<Layer>: Failed to load weights" on every in-place update for
+        the rotary embedding and the tied head, which take no weights; rlpost drops only
+        those (a layer that does have weights and got none still warns)."""
+        import logging
+
+        from safetensors.torch import load_file
+
+        from rlpost.engines.vllm_rollout import _RELOAD_LOGGER, _WeightlessReloadFilter
+
+        path = save_model(tmp_path, tokenizer, tie=True, **self.model_shape)
+        engine = VLLMRolloutEngine(path, max_model_len=128, kv_cache_gb=0.0625)
+        seen: list[str] = []
+
+        class Collect(logging.Handler):
+            def emit(self, record):
+                seen.append(record.getMessage())
+
+        logger = logging.getLogger(_RELOAD_LOGGER)
+        handler = Collect(level=logging.WARNING)
+        logger.addHandler(handler)
+        try:
+            state = load_file(f"{path}/model.safetensors")
+            engine.update_weights(state.items(), 1)
+            assert not [m for m in seen if "Failed to load weights" in m], seen
+            # Without rlpost's filter vLLM says it for exactly those layers.
+            ours = [f for f in logger.filters if isinstance(f, _WeightlessReloadFilter)]
+            for f in ours:
+                logger.removeFilter(f)
+            engine.update_weights(state.items(), 2)
+            noise = {m.split(":")[0] for m in seen if m.endswith("Failed to load weights")}
+            assert noise and all("RotaryEmbedding" in m or m == "ParallelLMHead" for m in noise), seen
+        finally:
+            logger.removeHandler(handler)
+            for f in ours:
+                logger.addFilter(f)
+        # The same message about a layer with weights of its own is kept.
+        record = logging.LogRecord(_RELOAD_LOGGER, logging.WARNING, __file__, 0, "%s: Failed to load weights",
+                                   ("Qwen2MLP",), None)
+        assert ours[0].filter(record)
+
 
 def test_training_through_ray_syncs_weights_into_vllm(tmp_path):
     """Two GRPO steps of the tiny recipe with rollout=vllm: weights stream from the FSDP2
