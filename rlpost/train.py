@@ -46,7 +46,7 @@ def run(cfg: RunConfig) -> dict:
     from rlpost.models.loading import load_tokenizer, resolve_model_path
     from rlpost.supervisor import TrainerParts, TrainerSupervisor
     from rlpost.tracking import Tracker
-    from rlpost.workers.cluster import kill_started_cluster, start_cluster, stop_cluster
+    from rlpost.workers.cluster import cluster_terminator, start_cluster, stop_cluster
     from rlpost.workers.placement import resolve_placement
     from rlpost.workers.reward_pool import RewardPool
     from rlpost.workers.rollout_group import RolloutGroup
@@ -91,7 +91,7 @@ def run(cfg: RunConfig) -> dict:
     use_reference = cfg.algorithm.kl_coef > 0
     started = start_cluster(cfg)
     # After ray.init, which may install its own; a second Ctrl-C ends the Ray instance we started.
-    stop_flag = _install_stop_handlers(kill_started_cluster if started else lambda: None)
+    stop_flag = _install_stop_handlers(cluster_terminator() if started else lambda: None)
     groups = []
     tracker = None
     try:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+from collections.abc import Callable
 
 import ray
 
@@ -73,14 +75,27 @@ def stop_cluster(started: bool) -> None:
         ray.shutdown()
 
 
-def kill_started_cluster() -> None:
-    """End the local Ray instance this process started, now, without disconnecting
-    first (a second Ctrl-C: the driver exits right after). SIGTERM lets the raylet stop
-    its workers and agents; killed outright, its dashboard and runtime-env agents
-    outlive the driver for minutes."""
+def cluster_terminator() -> Callable[[], None]:
+    """A function that SIGTERMs the local Ray processes this process started (the raylet
+    first: it stops its workers and agents; then the GCS and the rest), by pid, without
+    calling into Ray, so a signal handler may run it while the main thread is anywhere
+    inside Ray (a second Ctrl-C; calling ``ray.shutdown`` there can deadlock on a lock
+    the interrupted code holds). A no-op when this process joined a cluster."""
     node = getattr(ray._private.worker, "_global_node", None)  # None when joined or not started
-    if node is not None and node.head:
-        node.kill_all_processes(check_alive=False, allow_graceful=True, wait=True)
+    if node is None or not node.head:
+        return lambda: None
+    first = ("raylet", "gcs_server")
+    kinds = sorted(node.all_processes, key=lambda kind: first.index(kind) if kind in first else len(first))
+    pids = [info.process.pid for kind in kinds for info in node.all_processes[kind]]
+
+    def terminate() -> None:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    return terminate
 
 
 def free_port(host: str = "127.0.0.1") -> int:

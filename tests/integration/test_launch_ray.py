@@ -5,7 +5,6 @@ stopped by pid; `ray stop` would also stop other users' local clusters."""
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -18,31 +17,14 @@ import pytest
 from rlpost.workers.cluster import free_port
 
 psutil = pytest.importorskip("psutil", reason="needs ray[default] (psutil) for the Ray job server")
+
+from ray_nodes import stop_ray_start  # noqa: E402  (needs psutil)
 pytest.importorskip("aiohttp", reason="the Ray job server needs ray[default]: pip install 'rlpost[launch]'")
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 RUN = ["+recipe=grpo_math", "trainer.total_steps=1", "data.train_batch_size=2", "rollout.n=2",
        "eval.every=0", "reward.workers=1"]
-
-
-def _stop_tree(proc: subprocess.Popen) -> None:
-    """SIGTERM the `ray start --block` process (it stops what it started), then kill
-    by pid whatever of its process tree is still alive."""
-    try:
-        tree = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        tree = []
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    _, alive = psutil.wait_procs(tree, timeout=10)
-    for child in alive:
-        child.kill()
-    psutil.wait_procs(alive, timeout=5)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +56,7 @@ def ray_head():
             time.sleep(1)
         yield address, Path(temp_dir)
     finally:
-        _stop_tree(proc)
+        stop_ray_start(proc)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 

@@ -17,7 +17,6 @@ also stop other users' clusters."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ import yaml
 from rlpost.workers.cluster import free_port
 
 psutil = pytest.importorskip("psutil", reason="stopping the Ray nodes' process trees needs psutil")
+
+from ray_nodes import stop_ray_start  # noqa: E402  (needs psutil)
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -45,28 +46,6 @@ def _env(base: Path) -> dict:
     return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(REPO),
             "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
             "RAY_TMPDIR": str(base)}
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the node's process group (`ray start --block` stops what it started),
-    then kill by pid whatever of its process tree is left."""
-    try:
-        tree = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        tree = []
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    _, alive = psutil.wait_procs(tree, timeout=10)
-    for child in alive:
-        child.kill()
-    psutil.wait_procs(alive, timeout=5)
 
 
 def _node(args: list[str], env: dict, log: Path, wrap: list[str] = ()) -> subprocess.Popen:
@@ -113,7 +92,7 @@ def cluster():
         yield {"address": gcs, "node_ip": gcs.rsplit(":", 1)[0], "base": base, "env": env, "private": private}
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            stop_ray_start(proc, timeout_s=15)
         shutil.rmtree(base, ignore_errors=True)  # our own temp dir, ray_current_cluster pointer included
 
 

@@ -164,3 +164,17 @@ def test_training_through_ray_syncs_weights_into_vllm(tmp_path):
     steps = [r for r in rows if r.get("step", 0) >= 1]
     assert [r["rollout/policy_version"] for r in steps] == [0, 1]
     assert all(r["rollout/logprob_abs_diff_mean"] < LOGPROB_MEAN_TOL for r in steps), steps
+
+
+def test_the_prototype_samples_with_a_named_engine():
+    """rlpost.prototype with engine="vllm" / "hf" uses that engine (in-process vLLM, so
+    here, after the rest of this file's vLLM engines)."""
+    from rlpost import prototype
+    from rlpost.engines.hf_rollout import HFRolloutEngine
+
+    questions = [{"prompt": "What is 2 + 3?", "answer": "5"}]
+    hf = prototype.sample_completions("builtin:tiny-math", questions, n=2, max_new_tokens=8, engine="hf")
+    vllm = prototype.sample_completions("builtin:tiny-math", questions, n=2, max_new_tokens=8, engine="vllm")
+    assert isinstance(prototype._engine("builtin:tiny-math", "float32", 0, "hf"), HFRolloutEngine)
+    assert isinstance(prototype._engine("builtin:tiny-math", "float32", 0, "vllm"), VLLMRolloutEngine)
+    assert len(hf) == len(vllm) == 2

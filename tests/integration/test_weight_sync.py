@@ -29,6 +29,20 @@ SPECS = [
 BUCKET_MB = 32 / 1024
 
 
+
+def load_stream(stream, model: dict) -> list[str]:
+    """Load a receive stream into ``model`` as an engine does (``load_into``, then copy
+    whatever did not land); the names that were received in place."""
+    stream.load_into(model)
+    in_place = []
+    for name, tensor in stream:
+        if tensor.data_ptr() == model[name].data_ptr():
+            in_place.append(name)
+        else:
+            model[name].copy_(tensor)
+    return in_place
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -240,14 +254,7 @@ def _loading_receiver(port, world, versions, results):
     try:
         with WeightReceiver(HOST, port, 1, world, timeout_s=TIMEOUT_S) as receiver:
             for version in versions:
-                stream = receiver.receive(plan, version)
-                stream.load_into(model)
-                in_place = []
-                for name, tensor in stream:
-                    if tensor.data_ptr() == model[name].data_ptr():
-                        in_place.append(name)
-                    else:
-                        model[name].copy_(tensor)
+                in_place = load_stream(receiver.receive(plan, version), model)
                 expected = dict(_weights(version))
                 wrong = [n for n, t in model.items() if not torch.equal(t, expected[n].to(t.dtype))]
                 results.put(("receiver1", version, f"in place {in_place}; wrong {wrong}"))

@@ -15,6 +15,7 @@ import torch
 import torch.multiprocessing as mp
 
 from rlpost.weight_sync import WeightReceiver, WeightSender, make_plan
+from test_weight_sync import load_stream  # the same loading as the CPU tests
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
@@ -51,14 +52,7 @@ def _receiver(port, device, results):
         plan = make_plan(SPECS, bucket_mb=1)
         model = {name: torch.zeros(shape, dtype=dtype, device=device) for name, shape, dtype in SPECS}
         with WeightReceiver(HOST, port, 1, 2, timeout_s=TIMEOUT_S, device=device) as receiver:
-            stream = receiver.receive(plan, 1)
-            stream.load_into(model)
-            in_place = []
-            for name, tensor in stream:
-                if tensor.data_ptr() == model[name].data_ptr():
-                    in_place.append(name)
-                else:
-                    model[name].copy_(tensor)
+            in_place = load_stream(receiver.receive(plan, 1), model)
             expected = dict(_weights("cpu"))
             wrong = [n for n, t in model.items() if not torch.equal(t.cpu(), expected[n])]
             results.put(("receiver", f"{receiver.backend} {receiver.wire_device.type} in place {in_place} "
