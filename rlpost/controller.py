@@ -301,7 +301,7 @@ class Controller:
     def evaluate(self) -> dict:
         t0 = time.perf_counter()
         episodes, ev = self.collector.episodes, self.cfg.eval
-        metrics = (episodes.evaluate(self.val_samples, ev.max_new_tokens, ev.size, self.policy_version) if episodes
+        metrics = (episodes.evaluate(self.val_samples, ev, self.policy_version, seed=self.cfg.seed) if episodes
                    else evaluate(self.rollout, self.rewards, self.val_samples, ev, seed=self.cfg.seed))
         metrics["timing/eval_s"] = time.perf_counter() - t0
         return metrics

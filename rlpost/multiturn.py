@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlpost.config.schema import RunConfig
+from rlpost.config.schema import EvalConfig, RunConfig
 from rlpost.envs.base import EnvFailure, StepResult, Task
 from rlpost.envs.chat import ChatRenderer
 from rlpost.errors import WorkerError
@@ -248,19 +248,33 @@ class EpisodeCollector:
         }
 
     # ------------------------------------------------------------ eval
-    def evaluate(self, samples: list[PromptSample], max_new_tokens: int, size: int,
-                 policy_version: int) -> dict[str, float]:
-        """Greedy episodes on held-out tasks. Failed episodes are left out of the
-        accuracy (and counted), not scored as wrong."""
+    def evaluate(self, samples: list[PromptSample], ev: EvalConfig, policy_version: int,
+                 seed: int | None = None) -> dict[str, float]:
+        """Greedy episodes on held-out tasks, plus ``ev.n`` sampled ones per task for
+        mean@n / pass@k when ``ev.n > 1``. Failed episodes are left out of the accuracy
+        (and counted), not scored as wrong."""
         from contextlib import nullcontext
 
-        episodes = [Episode(s, g) for g, s in enumerate(samples[:size])]
-        params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens,
+        from rlpost.evaluation import sampled_metrics
+
+        samples = samples[:ev.size]
+        episodes = [Episode(s, g) for g, s in enumerate(samples)]
+        params = SamplingParams(n=1, temperature=0.0, max_new_tokens=ev.max_new_tokens,
                                 stop=tuple(self.cfg.rollout.stop))
         self.run(episodes, params, policy_version, lambda name: nullcontext())
         ok = [self.trajectory(e, policy_version) for e in episodes if not e.dropped]
         correct = [score_of(t.reward) for t in ok]
-        return {
+        extra: dict[str, float] = {}
+        if ev.n > 1:
+            sampled = [Episode(s, g) for g, s in enumerate(samples) for _ in range(ev.n)]
+            hot = dataclasses.replace(params, temperature=ev.temperature, seed=seed)
+            self.run(sampled, hot, policy_version, lambda name: nullcontext())
+            per_prompt: list[list[float]] = [[] for _ in samples]
+            for e in sampled:
+                if not e.dropped:
+                    per_prompt[e.group].append(score_of(self.trajectory(e, policy_version).reward))
+            extra = sampled_metrics(per_prompt, ev.n, ev.pass_ks)
+        return extra | {
             "eval/accuracy": sum(correct) / max(len(correct), 1),
             "eval/reward_mean": sum(t.reward.total for t in ok) / max(len(ok), 1),
             "eval/response_length": sum(len(t.completion.token_ids) for t in ok) / max(len(ok), 1),

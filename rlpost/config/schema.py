@@ -363,14 +363,23 @@ class EnvConfig:
 class EvalConfig:
     every: int = 5  # steps between held-out evals; 0 disables (step 0 and the end still run unless 0)
     size: int = 200  # held-out prompts used (at most the val set size)
-    n: int = 1  # samples per prompt; > 1 also reports mean@n at eval.temperature
-    temperature: float = 1.0  # for the n > 1 samples; pass@1 is always greedy
+    n: int = 1  # samples per prompt; > 1 also reports mean@n and pass@k at eval.temperature
+    k: list[int] = field(default_factory=list)  # pass@k reported for these k (each <= n); [] = [n]
+    temperature: float = 1.0  # for the n > 1 samples; accuracy (pass@1) is always greedy
     max_new_tokens: int = 64
 
     def check(self) -> None:
         _require(self.every >= 0, "eval.every", "must be >= 0")
         _require(self.size >= 1, "eval.size", "must be >= 1")
         _require(self.n >= 1, "eval.n", "must be >= 1")
+        _require(not self.k or self.n > 1, "eval.k", "needs eval.n > 1 (pass@k is estimated from n samples)")
+        _require(all(1 <= k <= self.n for k in self.k), "eval.k",
+                 f"every k must be between 1 and eval.n={self.n} (unbiased pass@k needs k <= n), got {self.k}")
+
+    @property
+    def pass_ks(self) -> tuple[int, ...]:
+        """The k values of pass@k for n > 1 samples (sorted, unique)."""
+        return tuple(sorted(set(self.k or [self.n]))) if self.n > 1 else ()
 
 
 @dataclass
