@@ -115,8 +115,8 @@ def main() -> None:
     results = {mode: run_mode(mode, model, args, args.overrides) for mode in args.modes.split(",")}
     print(f"load after: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
     base = results.get("sync")
-    header = (f"| mode | steps | s/step | vs sync | s/step from 2 | vs sync | run s | gen tok/s | rollout | train | sync | idle "
-              f"| stale | dropped | accuracy |")
+    header = ("| mode | steps | s/step | vs sync | s/step from 2 | vs sync | run s | gen tok/s | rollout | train | sync | idle "
+              "| stale | dropped | accuracy |")
     print(header + "\n|" + "---|" * (header.count("|") - 1))
     for mode, r in results.items():
         speedup = f"{base['s_per_step'] / r['s_per_step']:.2f}x" if base else "-"

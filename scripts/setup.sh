@@ -3,7 +3,7 @@
 # Safe to run again: it only installs what is missing.
 #   PYTHON=python3.11 bash scripts/setup.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$(readlink -f "$0")")/.."  # physical: the script may be reached through a link
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate

@@ -129,7 +129,7 @@ def test_train_step_returns_its_forwards_logprobs_in_row_order(runs):
         for name, run in runs[world].items():
             if "train_logprobs" in run:
                 torch.testing.assert_close(run["train_logprobs"], run["logprobs"], atol=1e-5, rtol=0,
-                                           msg=lambda m: f"{world} {name}: {m}")
+                                           msg=lambda m, world=world, name=name: f"{world} {name}: {m}")
     assert "train_logprobs" in runs["w1"]["fsdp2_budget_packed"]
 
 

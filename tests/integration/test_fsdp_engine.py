@@ -279,7 +279,7 @@ def reference(model_dir) -> dict:
 def _assert_weights_close(a: dict, b: dict, atol: float) -> None:
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
 
 
 # --------------------------------------------------------------------- tests

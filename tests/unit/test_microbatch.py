@@ -114,7 +114,7 @@ def test_packing_and_token_budget_give_the_same_loss_and_gradient(model):
         loss, grads = _grads(model, batch, opts, size, budget)
         assert loss == pytest.approx(loss0, rel=1e-5, abs=1e-7)
         for name, g in grads.items():
-            torch.testing.assert_close(g, grads0[name], atol=1e-6, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(g, grads0[name], atol=1e-6, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_chunked_logprobs_equal_unchunked_with_gradient():
