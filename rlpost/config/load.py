@@ -86,11 +86,21 @@ def _explain_bad_override(overrides: list[str], key: str) -> str:
     return unknown_key_message(".".join(path), bad, valid)
 
 
+# Free-form mappings: their keys are the user's (a reward function's or an environment's
+# keyword arguments), so `env.kwargs.penalty=0.1` adds a key and `reward.kwargs={a:1}`
+# sets the mapping, instead of failing as unknown keys (Hydra would need a `++` prefix).
+_FREE_FORM = re.compile(r"^(reward|env)\.kwargs(\.[^=]+)?=")
+
+
+def _add_free_form_keys(overrides: list[str]) -> list[str]:
+    return [f"++{o}" if _FREE_FORM.match(o) else o for o in overrides]
+
+
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> dict:
     """Hydra-composed config as a plain dict, interpolations resolved."""
     from hydra.errors import HydraException
 
-    overrides = list(overrides)
+    overrides = _add_free_form_keys(list(overrides))
     _register_recipes()
     _register_resolvers()
     try:

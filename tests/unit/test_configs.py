@@ -108,3 +108,13 @@ def test_configuration_doc_names_every_key():
     flat = {k for k in _dataclass_keys(RunConfig) if not k.startswith("logger")}
     missing = sorted(k for k in flat if k.split(".")[-1] not in doc)
     assert not missing, f"docs/configuration.md does not mention {missing}"
+
+
+def test_kwargs_mappings_take_new_keys_without_a_plus():
+    """reward.kwargs / env.kwargs are the user's keyword arguments: new keys need no `+`."""
+    from rlpost.config.load import load_config
+
+    cfg = load_config(["env.kwargs.penalty_per_call=0.05", "reward.kwargs={format_weight:0.1}"])
+    assert cfg.env.kwargs == {"penalty_per_call": 0.05} and cfg.reward.kwargs == {"format_weight": 0.1}
+    cfg = load_config(["reward.kwargs.a=1", "+reward.kwargs.b=2", "++reward.kwargs.c=3"])
+    assert cfg.reward.kwargs == {"a": 1, "b": 2, "c": 3}
