@@ -58,7 +58,8 @@ class RewardPool:
         self.restarts = 0
 
     def _start(self):
-        return RewardActor.options(num_cpus=1).remote(self.cfg)
+        # @ray.remote adds .options/.remote, which Ray's type stubs do not declare.
+        return RewardActor.options(num_cpus=1).remote(self.cfg)  # type: ignore[attr-defined]
 
     def pids(self) -> list[int]:
         return ray.get([a.pid.remote() for a in self.actors], timeout=120)
