@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from rlpost.algorithms.advantages import ADVANTAGE_ESTIMATORS
 from rlpost.algorithms.algorithm import PPO, Algorithm, ReinforcePP, ReMax
+from rlpost.algorithms.gmpo import gmpo
 from rlpost.algorithms.losses import cispo, gspo, ppo_clip
 from rlpost.errors import ConfigError
 
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
 # ``(logp, old_logp, advantages, mask, **options) -> (per_token_loss[B, T], metrics)``,
 # picked by ``algorithm.policy_loss`` (rlpost.algorithms.losses).
-POLICY_LOSSES = {"ppo_clip": ppo_clip, "gspo": gspo, "cispo": cispo}
+POLICY_LOSSES = {"ppo_clip": ppo_clip, "gspo": gspo, "cispo": cispo, "gmpo": gmpo}
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ ALGORITHMS = {
     "dapo": AlgorithmEntry("grpo", paper="Yu et al. 2025, DAPO"),
     "gspo": AlgorithmEntry("grpo", "gspo", paper="Zheng et al. 2025, Group Sequence Policy Optimization"),
     "cispo": AlgorithmEntry("grpo", "cispo", paper="MiniMax 2025, MiniMax-M1"),
+    "gmpo": AlgorithmEntry("grpo", "gmpo", paper="Zhao et al. 2025, Geometric-Mean Policy Optimization"),
     "rloo": AlgorithmEntry("rloo", paper="Ahmadian et al. 2024, Back to Basics"),
     "reinforce_pp": AlgorithmEntry("reinforce_pp", paper="Hu 2025, REINFORCE++"),
     "reinforce_pp_baseline": AlgorithmEntry("reinforce_pp_baseline", paper="Hu 2025, REINFORCE++"),
