@@ -99,7 +99,7 @@ class Controller:
         ``stop_requested()`` is polled after every step (a SIGTERM handler sets it): the
         step in flight finishes, a checkpoint is written and ``Preempted`` is raised.
         """
-        self.tracker.message(f"rlpost: {self.old_logprobs.describe()}")
+        self.tracker.message(f"rlpost: {self.algorithm.describe()}; {self.old_logprobs.describe()}")
         if self.overlap is not None:
             return self.overlap.run(start_step, stop_requested)
         cfg, last = self.cfg, {}
