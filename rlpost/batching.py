@@ -40,12 +40,6 @@ def sampler_logprobs(trajectories: list[Trajectory], like: torch.Tensor) -> torc
     return out
 
 
-def outcome_advantages_per_token(advantages: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """One scalar advantage per row (``[B]``, outcome reward) broadcast over the row's
-    trained tokens: ``[B, T]``."""
-    return advantages.reshape(-1, 1).to(torch.float32) * (loss_mask > 0)
-
-
 def with_loss_rows(batch: TrainBatch, keep_rows: torch.Tensor) -> TrainBatch:
     """``batch`` with the loss mask of rows where ``keep_rows`` ([B] bool) is False
     zeroed, and the global token/sequence counts recomputed."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlpost.algorithms import dynamic_sampling_keep, overlong_penalty
+from rlpost.algorithms import dynamic_sampling_keep, make_algorithm, overlong_penalty
 from rlpost.config.schema import RunConfig
 from rlpost.data.stream import PromptStream
 from rlpost.errors import WorkerError
@@ -37,6 +37,7 @@ class Collector:
                  message: Callable[[str], None] = print):
         self.cfg, self.stream, self.rollout, self.rewards = cfg, stream, rollout, rewards
         self.message = message  # the run's console line (Tracker.message)
+        self.algorithm = make_algorithm(cfg.algorithm)  # asked for the extra samples it needs
         self._warned_padding = False
         # Multi-turn episodes through environments (rlpost.multiturn); None = single turn.
         self.episodes = None
@@ -85,7 +86,7 @@ class Collector:
         rewards = torch.stack([r for _, r, _ in chosen])
         valid = torch.stack([v for _, _, v in chosen])
         args = {}
-        if algo.adv_estimator == "remax":
+        if self.algorithm.greedy_baseline:
             args = self._greedy_baseline([group[0].prompt for group, _, _ in chosen], policy_version, timer)
             metrics["reward/greedy_baseline_mean"] = args["baseline"].mean().item()
         return Collected(trajectories, rewards, valid, metrics, args)

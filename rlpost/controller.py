@@ -18,15 +18,15 @@ import torch
 
 from rlpost.algorithms import (
     KL_ESTIMATORS,
-    make_advantage_fn,
+    make_algorithm,
     make_kl_controller,
     make_policy_loss_fn,
     mean_sequence_kl,
     overlong_filter_mask,
-    reinforce_pp_kl_advantages,
 )
+from rlpost.algorithms.algorithm import AdvantageInputs
 from rlpost.algorithms.on_policy import old_logprob_plan
-from rlpost.batching import build_train_batch, mini_batches, outcome_advantages_per_token, with_loss_rows
+from rlpost.batching import build_train_batch, mini_batches, with_loss_rows
 from rlpost.collect import Collected, Collector
 from rlpost.checkpoint import RNG_FILE, CheckpointManager, ControllerState
 from rlpost.config.schema import RunConfig
@@ -69,16 +69,17 @@ class Controller:
         self.pad_id, self.use_reference = pad_id, use_reference
         self.faults = faults  # rlpost.faults.FaultCounts: failures survived, logged every step
         self.perf = perf  # rlpost.perf.StepPerf: perf/mfu and tokens/s every step (None: not reported)
+        # What the algorithm needs from a step, and its advantages (rlpost.algorithms.algorithm).
+        self.algorithm = make_algorithm(cfg.algorithm)
         self.loss_fn = make_policy_loss_fn(cfg.algorithm, max_response_len=cfg.rollout.max_new_tokens)
         # Exactly on-policy updates take "old" log-probs from the training forward instead
         # of a separate pass (rlpost.algorithms.on_policy); decided once, here.
         self.old_logprobs = old_logprob_plan(cfg.algorithm, cfg.trainer)
-        if (cfg.algorithm.adv_estimator == "gae") != (critic is not None):
-            raise ConfigError("algorithm.adv_estimator: gae (PPO) needs a critic group and the other estimators "
-                              f"take none; got adv_estimator={cfg.algorithm.adv_estimator!r}, critic={critic!r}")
-        # PPO takes its advantages from the critic (rlpost.critic) instead of an outcome estimator.
+        if self.algorithm.needs_critic != (critic is not None):
+            raise ConfigError(f"{self.algorithm.describe()}: needs_critic={self.algorithm.needs_critic} (PPO needs "
+                              f"a critic group, the others take none), got critic={critic!r}")
+        # PPO's values come from the critic (rlpost.critic), which it also trains.
         self.critic = CriticStages(cfg, critic) if critic is not None else None
-        self.advantage_fn = None if self.critic else make_advantage_fn(cfg.algorithm)
         self.kl_controller = make_kl_controller(cfg.algorithm.kl_coef, cfg.algorithm.kl_target,
                                                 cfg.algorithm.kl_horizon)
         self.policy_version = 0
@@ -98,7 +99,7 @@ class Controller:
         ``stop_requested()`` is polled after every step (a SIGTERM handler sets it): the
         step in flight finishes, a checkpoint is written and ``Preempted`` is raised.
         """
-        self.tracker.message(f"rlpost: {self.old_logprobs.describe()}")
+        self.tracker.message(f"rlpost: {self.algorithm.describe()}; {self.old_logprobs.describe()}")
         if self.overlap is not None:
             return self.overlap.run(start_step, stop_requested)
         cfg, last = self.cfg, {}
@@ -150,24 +151,17 @@ class Controller:
         if self.use_reference:
             with timer("ref_logprobs"):
                 batch.ref_logprobs = self.trainer.forward_logprobs(batch, reference=True)
-        # 5. Advantages from (KL-penalised, when kl_in_reward) rewards; failed samples take
-        #    no part in group statistics.
+        # 5. The algorithm's advantages from (KL-penalised, when kl_in_reward) rewards;
+        #    failed samples take no part in group statistics. PPO's need the critic's values.
         kl_coef = self.kl_controller.value  # this step's KL-penalty coefficient, before its update
         shaped, kl_metrics = self._kl_in_reward(rewards, batch)
-        algo = self.cfg.algorithm
-        if self.critic is None and algo.adv_estimator == "reinforce_pp" and algo.kl_in_reward \
-                and batch.ref_logprobs is not None:
-            # REINFORCE++ as published: each token its own KL-penalised return, not one
-            # summed-KL advantage per sample. Failed/filtered rows have no masked tokens.
-            batch.advantages = reinforce_pp_kl_advantages(
-                rewards.reshape(-1).to(torch.float32), batch.old_logprobs, batch.ref_logprobs, batch.loss_mask,
-                coef=kl_coef, estimator=algo.kl_estimator, gamma=algo.gae_gamma)
-        elif self.critic is None:
-            advantages = self.advantage_fn(shaped, valid, **collected.estimator_args)
-            batch.advantages = outcome_advantages_per_token(advantages, batch.loss_mask)
-        else:  # PPO: per-token rewards (KL on every token), critic values, GAE
+        if self.algorithm.needs_critic:  # the critic's forward, then the algorithm's GAE
             with timer("values"):
                 kl_metrics.update(self.critic.advantages(batch, rewards, kl_coef))
+        else:
+            inputs = AdvantageInputs(scores=rewards, kl_coef=kl_coef, rewards=shaped, valid=valid,
+                                     estimator_args=collected.estimator_args)
+            batch.advantages = self.algorithm.advantages(batch, inputs).advantages
         # 6. Update the critic (PPO), then the policy (frozen during critic.warmup_steps):
         #    trainer.mini_batches optimizer steps per epoch each.
         critic_metrics = {}

@@ -1,5 +1,6 @@
-"""PPO's critic stages of a step (``algorithm.adv_estimator: gae``), kept out of the
-controller so its step stays one call per stage.
+"""PPO's critic stages of a step (an algorithm whose ``needs_critic``: ``ppo``), kept
+out of the controller so its step stays one call per stage. The advantage math (GAE)
+is the algorithm's (``rlpost.algorithms.algorithm.PPO``); this module runs the critic.
 
 PPO (Schulman et al. 2017) with GAE (Schulman et al. 2016), as LLM RLHF runs it
 (Ziegler et al. 2019; Ouyang et al. 2022): the outcome score sits on the last
@@ -20,7 +21,8 @@ import dataclasses
 
 import torch
 
-from rlpost.algorithms import gae, kl_penalty_rewards, last_token_scores, make_value_loss_fn, whiten
+from rlpost.algorithms import make_algorithm, make_value_loss_fn
+from rlpost.algorithms.algorithm import AdvantageInputs
 from rlpost.batching import mini_batches
 from rlpost.config.schema import RunConfig, TrainerConfig
 from rlpost.errors import TrainingError
@@ -38,6 +40,7 @@ class CriticStages:
 
     def __init__(self, cfg: RunConfig, critic):
         self.cfg, self.critic = cfg, critic
+        self.algorithm = make_algorithm(cfg.algorithm)
         self.loss_fn = make_value_loss_fn(cfg.algorithm, max_response_len=cfg.rollout.max_new_tokens)
         self.bad_updates = 0  # consecutive skipped (non-finite) critic updates
 
@@ -54,18 +57,11 @@ class CriticStages:
         penalty. ``kl_coef``: the coefficient of this step's per-token KL penalty, used
         when ``algorithm.kl_in_reward`` and reference log-probs are present.
         """
-        algo = self.cfg.algorithm
         mask = batch.loss_mask
         values = self.critic.forward_values(batch).to(torch.float32) * mask
-        token_rewards = last_token_scores(scores.reshape(-1).to(torch.float32), mask)
-        if algo.kl_in_reward and batch.ref_logprobs is not None:
-            token_rewards, _ = kl_penalty_rewards(token_rewards, batch.old_logprobs, batch.ref_logprobs, mask,
-                                                  kl_coef, algo.kl_estimator)
-        advantages, returns = gae(token_rewards, values, mask, gamma=algo.gae_gamma, lam=algo.gae_lambda)
-        batch.old_values, batch.returns = values, returns
-        # Whitened over the whole step, before mini-batches split it (see ``whiten``).
-        batch.advantages = whiten(advantages, mask) if algo.whiten_advantages else advantages
-        return value_metrics(values, returns, mask)
+        out = self.algorithm.advantages(batch, AdvantageInputs(scores=scores, kl_coef=kl_coef, values=values))
+        batch.old_values, batch.returns, batch.advantages = values, out.returns, out.advantages
+        return value_metrics(values, out.returns, mask)
 
     def update(self, batch: TrainBatch, step: int) -> dict[str, float]:
         """``trainer.epochs`` passes of ``trainer.mini_batches`` critic optimizer steps

@@ -37,6 +37,7 @@ def run(cfg: RunConfig) -> dict:
     """Train according to ``cfg``; returns the metrics of the last step."""
     import torch
 
+    from rlpost.algorithms import make_algorithm
     from rlpost.checkpoint import CheckpointManager, read_state, resolve_resume
     from rlpost.controller import Controller
     from rlpost.data.dataset import load_prompts
@@ -88,7 +89,8 @@ def run(cfg: RunConfig) -> dict:
         n_params.cancel()
         return {}
 
-    use_reference = cfg.algorithm.kl_coef > 0
+    algorithm = make_algorithm(cfg.algorithm)  # what the run needs: reference, critic
+    use_reference = algorithm.needs_reference
     started = start_cluster(cfg)
     # After ray.init, which may install its own; a second Ctrl-C ends the Ray instance we started.
     stop_flag = _install_stop_handlers(cluster_terminator() if started else lambda: None)
@@ -148,7 +150,7 @@ def run(cfg: RunConfig) -> dict:
                 else:
                     weight_sync = WeightSyncLink(trainer, rollout, cfg.weight_sync.timeout_s)
                 print(f"rlpost: trainer rank pids {trainer.pids()}", flush=True)
-                if cfg.algorithm.adv_estimator == "gae":  # PPO: the value model in its own actors
+                if algorithm.needs_critic:  # PPO: the value model in its own actors
                     from rlpost.workers.critic_group import CriticGroup
 
                     critic = CriticGroup(cfg, model_path)

@@ -1,5 +1,9 @@
 """Algorithm code: pure tensor functions with no Ray, engine or model imports.
-Recipes pick them by name through these registries:
+
+A recipe names its algorithm (``algorithm.name``): ``ALGORITHMS`` and
+``make_algorithm`` (``registry.py``) build the ``Algorithm`` object
+(``algorithm.py``) that says what a step needs and computes its advantages. Its parts
+are picked by name through these registries:
 
 - ``ADVANTAGE_ESTIMATORS`` (``algorithm.adv_estimator``): outcome estimators
   ``(rewards[G, n], valid[G, n], **options) -> [G, n]`` and token-level ``gae``.
@@ -58,11 +62,12 @@ from rlpost.algorithms.loss_fn import (
     policy_loss_fn,
     value_loss_fn,
 )
-from rlpost.algorithms.losses import POLICY_LOSSES, cispo, clipped_value_loss, gspo, ppo_clip, ppo_clip_loss
+from rlpost.algorithms.losses import cispo, clipped_value_loss, gspo, ppo_clip, ppo_clip_loss
+from rlpost.algorithms.registry import ALGORITHMS, POLICY_LOSSES, make_algorithm
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS", "OUTCOME_ADVANTAGE_ESTIMATORS", "TOKEN_ADVANTAGE_ESTIMATORS",
-    "KL_ESTIMATORS", "LOSS_AGGREGATIONS", "POLICY_LOSSES",
+    "KL_ESTIMATORS", "LOSS_AGGREGATIONS", "POLICY_LOSSES", "ALGORITHMS", "make_algorithm",
     "grpo_advantages", "rloo_advantages", "reinforce_pp_advantages", "reinforce_pp_baseline_advantages",
     "remax_advantages", "reinforce_pp_token_advantages", "reinforce_pp_kl_advantages", "gae", "whiten",
     "discounted_returns",

@@ -2,9 +2,9 @@
 group-normalised advantages, optional k-estimator KL to the reference as a loss term
 (DeepSeekMath, Shao et al. 2024), optional entropy bonus.
 
-Kept as the entry point the controller binds today; it is ``policy_loss_fn`` with
-the ``ppo_clip`` loss and only the config fields GRPO has always had. New recipes
-should use ``rlpost.algorithms.loss_fn.make_policy_loss_fn``.
+Kept for the tests that pin it; the controller binds ``make_policy_loss_fn``
+(``rlpost.algorithms.loss_fn``). It is ``policy_loss_fn`` with the ``ppo_clip`` loss
+and only the config fields GRPO has always had.
 
 Deviation from the paper: with ``loss_agg=token-mean`` (the default) the loss is
 averaged over all tokens of the step (as in DAPO) rather than per sequence then per

@@ -20,10 +20,10 @@ import functools
 
 import torch
 
-from rlpost.algorithms.advantages import OUTCOME_ADVANTAGE_ESTIMATORS
 from rlpost.algorithms.aggregation import LOSS_AGGREGATIONS, USES_NORM_LEN, USES_NUM_SEQS, token_mean
 from rlpost.algorithms.kl import KL_ESTIMATORS, kl_k3
-from rlpost.algorithms.losses import POLICY_LOSSES, clipped_value_loss
+from rlpost.algorithms.losses import clipped_value_loss
+from rlpost.algorithms.registry import POLICY_LOSSES, make_algorithm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +131,7 @@ def make_policy_loss_fn(cfg, *, max_response_len: int | None = None):
     ``seq-mean-token-sum-norm`` when ``algorithm.loss_norm_len`` is 0.
     """
     spec = PolicyLossSpec(
-        policy_loss=cfg.policy_loss,
+        policy_loss=make_algorithm(cfg).policy_loss,  # algorithm.policy_loss, or the algorithm's own
         loss_agg=cfg.loss_agg,
         clip_eps_low=cfg.clip_eps_low,
         clip_eps_high=cfg.clip_eps_high,
@@ -183,11 +183,6 @@ def make_value_loss_fn(cfg, *, max_response_len: int | None = None):
 def make_advantage_fn(cfg):
     """The outcome estimator of an ``AlgorithmConfig`` with its options bound:
     ``fn(rewards[G, n], valid[G, n], **call_args)``. Only ``remax`` takes a call
-    argument (``baseline=``, the greedy rewards). ``gae`` needs a critic and is called
-    directly (``rlpost.algorithms.advantages.gae``)."""
-    name = cfg.adv_estimator
-    if name not in OUTCOME_ADVANTAGE_ESTIMATORS:
-        raise ValueError(f"{name!r} is not an outcome-reward estimator; "
-                         f"those are {sorted(OUTCOME_ADVANTAGE_ESTIMATORS)}")
-    options = {"norm_by_std": cfg.norm_adv_by_std} if name == "grpo" else {}
-    return functools.partial(OUTCOME_ADVANTAGE_ESTIMATORS[name], **options)
+    argument (``baseline=``, the greedy rewards). ``gae`` needs a critic and is run by
+    the ``PPO`` algorithm (``rlpost.algorithms.algorithm``)."""
+    return make_algorithm(cfg).outcome_estimator()

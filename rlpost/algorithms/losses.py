@@ -1,6 +1,6 @@
 """Policy and value losses: pure tensor functions, ``[B, T]`` in and out.
 
-Every entry of ``POLICY_LOSSES`` has the signature
+Every policy loss (``POLICY_LOSSES``, in ``rlpost.algorithms.registry``) has the signature
 ``(logp, old_logp, advantages, mask, **options) -> (per_token_loss[B, T], metrics)``
 where ``metrics`` maps a name to a per-token ``[B, T]`` float tensor (e.g. a 0/1
 "was clipped" indicator) that the LossFn averages over tokens. ``logp`` carries the
@@ -121,9 +121,6 @@ def cispo(
     weight = ratio.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high)
     loss = -weight * advantages * logp
     return loss, {"clip_frac": (weight != ratio).to(logp.dtype)}
-
-
-POLICY_LOSSES = {"ppo_clip": ppo_clip, "gspo": gspo, "cispo": cispo}
 
 
 def clipped_value_loss(

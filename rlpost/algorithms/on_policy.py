@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rlpost.algorithms.registry import make_algorithm
+
 
 @dataclass(frozen=True)
 class OldLogprobPlan:
@@ -29,19 +31,14 @@ class OldLogprobPlan:
 
 def old_logprob_plan(algo, trainer) -> OldLogprobPlan:
     """``algo``: ``AlgorithmConfig``; ``trainer``: ``TrainerConfig``. The first rule that
-    needs the pre-update log-probs keeps the pass."""
+    needs the pre-update log-probs keeps the pass: the schedule's, then the
+    algorithm's own (``Algorithm.old_logprobs_reason``)."""
     if trainer.mode != "sync":
         return OldLogprobPlan(True, f"trainer.mode={trainer.mode} trains on samples of an older policy")
     if trainer.mini_batches > 1 or trainer.epochs > 1:
         return OldLogprobPlan(True, f"trainer.mini_batches={trainer.mini_batches}, trainer.epochs={trainer.epochs}: "
                                     "later updates need the policy from before the first")
-    if algo.tis_cap is not None:
-        return OldLogprobPlan(True, "algorithm.tis_cap weighs the trainer's pre-update log-probs against the sampler's")
-    if algo.kl_in_reward and algo.kl_coef > 0:
-        # _kl_in_reward, REINFORCE++'s per-token returns and PPO's token rewards all read
-        # the sampling policy's log-probs before the update.
-        return OldLogprobPlan(True, "algorithm.kl_in_reward shapes the reward with the pre-update log-probs")
-    if algo.adv_estimator == "gae":
-        # The critic's warm-up freezes the policy: no training forward to take them from.
-        return OldLogprobPlan(True, "PPO (adv_estimator=gae) with a critic")
+    reason = make_algorithm(algo).old_logprobs_reason()
+    if reason is not None:
+        return OldLogprobPlan(True, reason)
     return OldLogprobPlan(False, "exactly on-policy: trainer.mode=sync, one mini-batch, one epoch")

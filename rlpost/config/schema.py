@@ -234,12 +234,15 @@ class TrainerConfig:
 
 @dataclass
 class AlgorithmConfig:
+    # The algorithm (rlpost.algorithms.registry.ALGORITHMS): what a step needs and how it
+    # computes advantages. adv_estimator / policy_loss null = the algorithm's own; set,
+    # they replace that part.
     name: str = "grpo"
-    adv_estimator: str = "grpo"
+    adv_estimator: str | None = None
     norm_adv_by_std: bool = True  # False gives Dr.GRPO-style mean-only centring
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
-    policy_loss: str = "ppo_clip"  # ppo_clip | gspo | cispo
+    policy_loss: str | None = None  # ppo_clip | gspo | cispo | ...; null = the algorithm's own
     dual_clip_c: float | None = None  # dual-clip bound for negative advantages (ppo_clip), > 1
     loss_agg: str = "token-mean"
     loss_norm_len: int = 0  # constant of seq-mean-token-sum-norm; 0 = rollout.max_new_tokens
@@ -256,7 +259,7 @@ class AlgorithmConfig:
     overlong_buffer_len: int = 0  # soft overlong penalty over the last N tokens before the cap; 0 = off
     overlong_penalty_factor: float = 1.0
     overlong_filter: bool = False  # do not train on samples cut by the length cap
-    # PPO with a critic (adv_estimator: gae; the critic itself is configured under critic:).
+    # PPO with a critic (name: ppo, or adv_estimator: gae; the critic itself is configured under critic:).
     gae_gamma: float = 1.0  # discount per token (gae; reinforce_pp with kl_in_reward)
     gae_lambda: float = 0.95  # GAE lambda: 1 = Monte-Carlo returns, 0 = one-step TD
     value_clip: float | None = 0.2  # clip of the value update around the old values; null = none
@@ -267,14 +270,10 @@ class AlgorithmConfig:
     tis_cap: float | None = None
 
     def check(self) -> None:
-        from rlpost.algorithms import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
+        from rlpost.algorithms import KL_ESTIMATORS, LOSS_AGGREGATIONS, make_algorithm
 
-        runnable = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax", "gae")
-        _require(self.adv_estimator in runnable, "algorithm.adv_estimator",
-                 f"must be one of {list(runnable)}, got {self.adv_estimator!r}")
-        _require(self.policy_loss in POLICY_LOSSES, "algorithm.policy_loss",
-                 f"must be one of {sorted(POLICY_LOSSES)}, got {self.policy_loss!r}")
-        _require(self.dual_clip_c is None or (self.dual_clip_c > 1 and self.policy_loss == "ppo_clip"),
+        algorithm = make_algorithm(self)  # checks name, adv_estimator and policy_loss
+        _require(self.dual_clip_c is None or (self.dual_clip_c > 1 and algorithm.policy_loss == "ppo_clip"),
                  "algorithm.dual_clip_c", "must be null, or > 1 with policy_loss=ppo_clip")
         _require(self.loss_norm_len >= 0, "algorithm.loss_norm_len", "must be >= 0 (0 = rollout.max_new_tokens)")
         _require(self.kl_estimator in KL_ESTIMATORS, "algorithm.kl_estimator",
@@ -298,7 +297,7 @@ class AlgorithmConfig:
 
 @dataclass
 class CriticConfig:
-    """The PPO value model, built only when ``algorithm.adv_estimator`` is ``gae``: the
+    """The PPO value model, built only for an algorithm that needs a critic (``ppo``): the
     policy's base model with a fresh scalar head, FSDP2-sharded over
     ``trainer.world_size`` ranks, with its own AdamW. Betas, weight decay, lr warm-up
     and schedule, mini-batches, epochs and micro-batch size follow ``trainer``."""
@@ -483,12 +482,15 @@ class RunConfig:
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
 
     def check(self) -> None:
+        from rlpost.algorithms import make_algorithm
+
         for section in (self.model, self.data, self.rollout, self.trainer, self.algorithm, self.critic,
                         self.reward, self.env, self.eval, self.logger, self.weight_sync, self.ray):
             section.check()
+        algorithm = make_algorithm(self.algorithm)
         if self.env.enabled(self.rollout):
-            _require(self.algorithm.adv_estimator not in ("remax", "gae"), "algorithm.adv_estimator",
-                     "remax's greedy baseline and gae's per-token values are single-turn only; "
+            _require(algorithm.single_turn_only is None, "algorithm.name/adv_estimator",
+                     f"{algorithm.single_turn_only} is single-turn only ({algorithm.describe()}); "
                      "use grpo, rloo or reinforce_pp with environments")
             _require(self.algorithm.overlong_buffer_len == 0, "algorithm.overlong_buffer_len",
                      "the overlong penalty is single-turn only (it measures against rollout.max_new_tokens); "
@@ -500,8 +502,9 @@ class RunConfig:
             _require(self.rollout.replicas == self.trainer.world_size, "rollout.colocate",
                      f"puts one replica on each trainer GPU: set rollout.replicas={self.trainer.world_size} "
                      f"(= trainer.world_size), got {self.rollout.replicas}")
-            _require(self.algorithm.adv_estimator != "gae", "rollout.colocate",
-                     "does not place a PPO critic on the shared GPUs yet; use rollout.colocate=false with gae")
+            _require(not algorithm.needs_critic, "rollout.colocate",
+                     f"does not place a PPO critic on the shared GPUs yet ({algorithm.describe()}); "
+                     "use rollout.colocate=false with a critic")
         _require(self.algorithm.overlong_buffer_len <= self.rollout.max_new_tokens, "algorithm.overlong_buffer_len",
                  f"must be at most rollout.max_new_tokens={self.rollout.max_new_tokens}")
         rows = self.data.train_batch_size * self.rollout.n

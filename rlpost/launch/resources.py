@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from rlpost.algorithms import make_algorithm
 from rlpost.config.schema import RunConfig
 from rlpost.errors import ConfigError
 from rlpost.workers.cluster import logical_cpus_needed
@@ -37,7 +38,7 @@ def job_needs(cfg: RunConfig, with_gpus: bool) -> JobNeeds:
     """``with_gpus``: whether the cluster will declare GPUs, which is what the ``auto``
     GPU counts resolve against at run time (``rlpost.workers.placement.gpus_of``)."""
     have = 1.0 if with_gpus else 0.0
-    critic = cfg.trainer.world_size if cfg.algorithm.adv_estimator == "gae" else 0  # PPO's critic ranks
+    critic = cfg.trainer.world_size if make_algorithm(cfg.algorithm).needs_critic else 0  # PPO's critic ranks
     if cfg.rollout.colocate:  # one whole GPU per trainer rank, shared with its replica
         gpus = cfg.trainer.world_size if with_gpus else 0
     else:

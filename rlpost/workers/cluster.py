@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import ray
 
+from rlpost.algorithms import make_algorithm
 from rlpost.config.schema import RunConfig
 from rlpost.errors import WorkerError
 
@@ -32,7 +33,7 @@ def quiet_actor_logs() -> None:
 
 
 def logical_cpus_needed(cfg: RunConfig) -> int:
-    critic = cfg.trainer.world_size if cfg.algorithm.adv_estimator == "gae" else 0  # PPO's critic ranks
+    critic = cfg.trainer.world_size if make_algorithm(cfg.algorithm).needs_critic else 0  # PPO's critic ranks
     return cfg.trainer.world_size + critic + cfg.rollout.replicas + cfg.reward.workers
 
 

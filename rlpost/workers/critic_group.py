@@ -1,6 +1,6 @@
 """Critic group: PPO's value model on ``trainer.world_size`` actors of its own, one
 FSDP2 shard each, in a torch.distributed group of their own (gloo on CPU, NCCL on
-GPU). Built only with ``algorithm.adv_estimator: gae``.
+GPU). Built only for an algorithm that needs a critic (``algorithm.name: ppo``).
 
 Its own actors rather than a second engine inside the trainer ranks: the critic
 then never shares a process, a collective or a failure with the policy, and the
