@@ -14,6 +14,8 @@ Token-level estimators (``gae``) work on ``[B, T]`` tensors aligned as in
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from rlpost.algorithms.kl import kl_penalty_rewards
@@ -229,7 +231,7 @@ def last_token_scores(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 # Outcome estimators: (rewards[G, n], valid[G, n], **options) -> [G, n].
-OUTCOME_ADVANTAGE_ESTIMATORS = {
+OUTCOME_ADVANTAGE_ESTIMATORS: dict[str, Callable[..., torch.Tensor]] = {
     "grpo": grpo_advantages,
     "rloo": rloo_advantages,
     "reinforce_pp": reinforce_pp_advantages,

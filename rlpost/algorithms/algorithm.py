@@ -124,6 +124,8 @@ class ReinforcePP(Algorithm):
         cfg = self.config
         if not cfg.kl_in_reward or batch.ref_logprobs is None:
             return super().advantages(batch, inputs)
+        if batch.old_logprobs is None:
+            raise ValueError(f"{self.name}: the KL in the reward needs the sampling policy's old log-probs")
         # Failed/filtered rows have no masked tokens, so they need no valid mask here.
         return Advantages(reinforce_pp_kl_advantages(
             inputs.scores.reshape(-1).to(torch.float32), batch.old_logprobs, batch.ref_logprobs, batch.loss_mask,
@@ -157,6 +159,8 @@ class PPO(Algorithm):
         cfg, mask = self.config, batch.loss_mask
         token_rewards = last_token_scores(inputs.scores.reshape(-1).to(torch.float32), mask)
         if cfg.kl_in_reward and batch.ref_logprobs is not None:
+            if batch.old_logprobs is None:
+                raise ValueError(f"{self.name}: the KL in the reward needs the sampling policy's old log-probs")
             token_rewards, _ = kl_penalty_rewards(token_rewards, batch.old_logprobs, batch.ref_logprobs, mask,
                                                   inputs.kl_coef, cfg.kl_estimator)
         advantages, returns = gae(token_rewards, inputs.values, mask, gamma=cfg.gae_gamma, lam=cfg.gae_lambda)
