@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -34,27 +35,13 @@ from rlpost.critic import CriticStages
 from rlpost.data.stream import PromptStream
 from rlpost.errors import ConfigError, Preempted, TrainingError
 from rlpost.evaluation import evaluate
+from rlpost.overlap import OverlappedRun
 from rlpost.tracking import Tracker, trajectory_rows
 from rlpost.types import PromptSample, TrainBatch
+from rlpost.timing import Timer
 from rlpost.utils import rng
 
 log = logging.getLogger(__name__)
-
-
-class Timer(dict):
-    """Collects ``timing/<name>_s`` entries: ``with timer("rollout"): ...``."""
-
-    def __call__(self, name: str):
-        timer = self
-
-        class _Span:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer[f"timing/{name}_s"] = timer.get(f"timing/{name}_s", 0.0) + time.perf_counter() - self.t0
-
-        return _Span()
 
 
 class Controller:
@@ -86,11 +73,12 @@ class Controller:
         self.bad_updates = 0  # consecutive skipped (non-finite) updates
         self._warned_length_cap = False
         # one_step_off / async: the producer/trainer loops (None = the synchronous run below).
+        # Their weight pushes wait for the replicas lock, so weights change between
+        # collect calls only: the link is wrapped here, once, by its owner.
         self.overlap = None
         if cfg.trainer.mode != "sync":
-            from rlpost.overlap import OverlappedRun
-
-            self.overlap = OverlappedRun(self)
+            self.overlap = OverlappedRun(cfg.trainer, self, self.collector)
+            self.weight_sync = self.overlap.push_between_requests(weight_sync)
 
     # ------------------------------------------------------------------ loop
     def run(self, start_step: int = 0, stop_requested=lambda: False) -> dict:
@@ -99,27 +87,42 @@ class Controller:
         ``stop_requested()`` is polled after every step (a SIGTERM handler sets it): the
         step in flight finishes, a checkpoint is written and ``Preempted`` is raised.
         """
+        cfg = self.cfg
         self.tracker.message(f"rlpost: {self.algorithm.describe()}; {self.old_logprobs.describe()}")
-        if self.overlap is not None:
-            return self.overlap.run(start_step, stop_requested)
-        cfg, last = self.cfg, {}
         self.tracker.start(start_step)
+        if self.overlap is not None and cfg.algorithm.tis_cap is None:
+            self.tracker.message(f"note: trainer.mode={cfg.trainer.mode} trains on samples up to "
+                                 f"{self.overlap.max_staleness} policy version(s) old without off-policy correction; "
+                                 "algorithm.tis_cap=2 reweights them "
+                                 "(docs/performance.md#overlapping-rollout-and-training)")
         if start_step == 0 and cfg.eval.every > 0:
             self.tracker.log(0, self.evaluate())
+        if self.overlap is not None:
+            return self.overlap.run(start_step, stop_requested)
+        last: dict = {}
         for step in range(start_step + 1, cfg.trainer.total_steps + 1):
-            metrics = self.step(step)
-            final = step == cfg.trainer.total_steps
-            if cfg.eval.every > 0 and (step % cfg.eval.every == 0 or final):
-                metrics.update(self.evaluate())
-            self.tracker.log(step, metrics)
-            periodic = cfg.trainer.save_every and step % cfg.trainer.save_every == 0
-            stopping = not final and stop_requested()
-            if final or periodic or stopping:
-                self.save(step)
-            if stopping:
-                raise Preempted(step)
-            last = metrics
+            last = self.step(step)
+            self.finish_step(step, last, stop_requested)
         return last
+
+    def finish_step(self, step: int, metrics: dict, stop_requested,
+                    replicas_lock: AbstractContextManager | None = None) -> None:
+        """The tail of every step, in either mode: eval when due, log, checkpoint when
+        due or stopping, then ``Preempted`` when stopping. ``replicas_lock`` (overlap
+        modes) is held around eval and save, pausing the producer between batches."""
+        cfg, guard = self.cfg, replicas_lock or nullcontext()
+        final = step == cfg.trainer.total_steps
+        if cfg.eval.every > 0 and (step % cfg.eval.every == 0 or final):
+            with guard:
+                metrics.update(self.evaluate())
+        self.tracker.log(step, metrics)
+        periodic = cfg.trainer.save_every and step % cfg.trainer.save_every == 0
+        stopping = not final and stop_requested()
+        if final or periodic or stopping:
+            with guard:
+                self.save(step)
+        if stopping:
+            raise Preempted(step)
 
     def step(self, step: int) -> dict:
         """One GRPO step; returns its metrics."""

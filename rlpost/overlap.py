@@ -47,19 +47,22 @@ one_step_off's wait) re-raises that exception object, with its traceback.
 
 from __future__ import annotations
 
+import logging
 import pickle
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-from rlpost.collect import Collected
-from rlpost.controller import Timer
-from rlpost.errors import Preempted
+from rlpost.collect import Collected, Collector
+from rlpost.config.schema import TrainerConfig
+from rlpost.timing import Timer
 
 BUFFER_FILE = "rollout_buffer.pkl"
 JOIN_TIMEOUT_S = 120.0  # a producer still sampling after this is left behind (daemon thread)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -151,16 +154,29 @@ class RolloutBuffer:
         raise BufferClosed("the rollout buffer was closed")
 
 
+class StepOwner(Protocol):
+    """What the overlapped loops need from the loop that owns them (the ``Controller``):
+    the policy version the trainer holds, stages 4-7 of a step, and the step's tail."""
+
+    policy_version: int
+
+    def train_on(self, step: int, collected: Collected, timer: Timer, t0: float) -> dict: ...
+
+    def finish_step(self, step: int, metrics: dict, stop_requested, replicas_lock=None) -> None: ...
+
+
 class _PushBetweenRequests:
-    """The controller's weight-sync link, wrapped so that a push takes the replicas
-    lock: weights change only between ``collect`` calls, never under one."""
+    """A weight-sync link wrapped so that a push takes the replicas lock: weights
+    change only between ``collect`` calls, never under one."""
 
     def __init__(self, link, run: OverlappedRun):
         self.link, self.run = link, run
 
     def push(self, version: int) -> None:
         run, t0 = self.run, time.perf_counter()
-        if run.one_step_off:  # batch version + 1 must be sampled by the weights before this push
+        # one_step_off: batch version + 1 must be sampled by the weights before this push.
+        # Outside run() (a restore) there is no producer to wait for.
+        if run.one_step_off and run.buffer is not None:
             run.buffer.wait_sampled(min(version + 1, run.total_steps))
         with run.replicas_lock:
             run.sync_wait_s += time.perf_counter() - t0
@@ -171,9 +187,9 @@ class _PushBetweenRequests:
 class OverlappedRun:
     """``Controller.run`` for ``trainer.mode=one_step_off|async`` (module docstring)."""
 
-    def __init__(self, controller):
-        self.c = controller
-        tc = controller.cfg.trainer
+    def __init__(self, trainer: TrainerConfig, owner: StepOwner, collector: Collector):
+        self.owner, self.collector, self.mode = owner, collector, trainer.mode
+        tc = trainer
         self.one_step_off = tc.mode == "one_step_off"
         self.max_staleness = 1 if self.one_step_off else tc.max_staleness
         self.capacity = 1 if self.one_step_off else (tc.async_buffer or tc.max_staleness)
@@ -189,21 +205,18 @@ class OverlappedRun:
         self._restored: list[SampledBatch] = []
         self._producer_error: BaseException | None = None
 
+    def push_between_requests(self, link) -> _PushBetweenRequests:
+        """``link`` (a weight-sync link) wrapped to push under the replicas lock."""
+        return _PushBetweenRequests(link, self)
+
     # ------------------------------------------------------------- trainer side
     def run(self, start_step: int, stop_requested) -> dict:
-        c, cfg = self.c, self.c.cfg
-        c.tracker.start(start_step)
-        if cfg.algorithm.tis_cap is None:
-            c.tracker.message(f"note: trainer.mode={cfg.trainer.mode} trains on samples up to {self.max_staleness} "
-                              "policy version(s) old without off-policy correction; algorithm.tis_cap=2 "
-                              "reweights them (docs/performance.md#overlapping-rollout-and-training)")
-        if start_step == 0 and cfg.eval.every > 0:
-            c.tracker.log(0, c.evaluate())
-        self.serving = c.policy_version
+        """Steps ``start_step + 1 ..`` with a producer thread sampling ahead (the owner
+        has started the tracker and run the step-0 eval)."""
+        self.serving = self.owner.policy_version
         self.buffer = RolloutBuffer(self.capacity, budget=self.total_steps - start_step - len(self._restored),
                                     sampled=self.produced, restored=self._restored)
         self._restored = []
-        link, c.weight_sync = c.weight_sync, _PushBetweenRequests(c.weight_sync, self)
         producer = threading.Thread(target=self._produce, name="rlpost-rollout-producer", daemon=True)
         producer.start()
         try:
@@ -211,44 +224,31 @@ class OverlappedRun:
         finally:
             self.buffer.close()
             producer.join(JOIN_TIMEOUT_S)
-            c.weight_sync = link
             if producer.is_alive():
-                c.tracker.message(f"warning: the rollout producer is still sampling after {JOIN_TIMEOUT_S:.0f}s; "
-                                  "leaving it behind")
+                log.warning("the rollout producer is still sampling after %.0fs; leaving it behind", JOIN_TIMEOUT_S)
 
     def _train(self, start_step: int, stop_requested) -> dict:
-        c, cfg = self.c, self.c.cfg
+        owner = self.owner
         step, last = start_step, {}
         while step < self.total_steps:
             t0 = time.perf_counter()
             batch, ready = self.buffer.get()
             wait_s = time.perf_counter() - t0
-            if c.policy_version - batch.policy_version > self.max_staleness:
+            if owner.policy_version - batch.policy_version > self.max_staleness:
                 self.dropped += 1
                 self.buffer.refund()
                 continue
             step += 1
             timer = Timer(batch.timings)
             self.sync_wait_s = 0.0
-            staleness = self._staleness_metrics(batch, c.policy_version)
-            metrics = c.train_on(step, batch.collected, timer, t0)
+            staleness = self._staleness_metrics(batch, owner.policy_version)
+            metrics = owner.train_on(step, batch.collected, timer, t0)
             # The sync's wait for the lock (the producer finishing a batch) is idle time, not transfer.
             metrics["timing/weight_sync_s"] -= self.sync_wait_s
             metrics["timing/idle_s"] = wait_s + self.sync_wait_s
             metrics.update(staleness)
             metrics.update({"async/buffer_size": float(ready), "async/dropped_batches": float(self.dropped)})
-            final = step == self.total_steps
-            if cfg.eval.every > 0 and (step % cfg.eval.every == 0 or final):
-                with self.replicas_lock:
-                    metrics.update(c.evaluate())
-            c.tracker.log(step, metrics)
-            periodic = cfg.trainer.save_every and step % cfg.trainer.save_every == 0
-            stopping = not final and stop_requested()
-            if final or periodic or stopping:
-                with self.replicas_lock:  # pauses the producer between batches
-                    c.save(step)
-            if stopping:
-                raise Preempted(step)
+            owner.finish_step(step, metrics, stop_requested, self.replicas_lock)
             last = metrics
         return last
 
@@ -262,16 +262,15 @@ class OverlappedRun:
     def _produce(self) -> None:
         """Consumes prompts (through the collector); waits for a buffer slot, then for
         the replicas lock; puts one batch per loop. Ends when the buffer closes."""
-        c = self.c
         try:
             while self.buffer.reserve():
                 with self.replicas_lock:
                     index, version, timer = self.produced + 1, self.serving, Timer()
-                    collected = c.collector.collect(index, version, timer)
+                    collected = self.collector.collect(index, version, timer)
                     self.buffer.put(SampledBatch(index, version, collected, dict(timer)))
                     self.produced = index
         except BaseException as err:  # surfaced on the trainer thread by get() / wait_sampled()
-            err.add_note(f"(raised in the rollout producer thread, trainer.mode={c.cfg.trainer.mode})")
+            err.add_note(f"(raised in the rollout producer thread, trainer.mode={self.mode})")
             self.buffer.close(err)
 
     # -------------------------------------------------------------- checkpoints
@@ -282,7 +281,7 @@ class OverlappedRun:
         # Trajectories are frozen dataclasses; the file is this run's own output.
         with open(Path(folder) / BUFFER_FILE, "wb") as f:
             pickle.dump(batches, f)
-        return {"mode": self.c.cfg.trainer.mode, "produced": self.produced, "dropped": self.dropped,
+        return {"mode": self.mode, "produced": self.produced, "dropped": self.dropped,
                 "buffered": len(batches)}
 
     def restore(self, folder: Path, state) -> None:

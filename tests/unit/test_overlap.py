@@ -255,7 +255,7 @@ def test_sampling_overlaps_training_but_weights_change_only_between_requests(tmp
     controller = build(cfg)  # faster than the sampler: every push finds a batch being sampled
     engines = [WatchedRolloutEngine(vocab_size=VOCAB, eos_id=EOS, seed=i, decode=letters) for i in range(2)]
     controller.rollout.engines = controller.collector.rollout.engines = engines
-    controller.weight_sync.rollout_engines = engines
+    controller.weight_sync.link.rollout_engines = engines  # the link inside the replicas-lock wrapper
     sampling_during_updates = []
     train_step = controller.trainer.train_step
 
