@@ -75,7 +75,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     # "builtin" generates math word problems of graded difficulty; "files" reads
-    # train_files / val_files (parquet or jsonl).
+    # train_files / val_files (parquet or jsonl); "hf" reads hf_dataset (rlpost.data.sources).
     source: str = "builtin"
     train_files: list[str] = field(default_factory=list)
     val_files: list[str] = field(default_factory=list)
@@ -91,10 +91,31 @@ class DataConfig:
     # source=generator: "module:fn" or "path.py:fn", fn(split, size, seed) -> rows
     # ({prompt, answer, ...}); sizes are builtin_train_size / builtin_val_size.
     generator: str | None = None
+    # source=hf: a hub id (openai/gsm8k) or a local dataset folder, loaded with
+    # datasets.load_dataset (load_from_disk for a save_to_disk folder); its config
+    # name, the split trained on, and the split evaluated on (null: no val split).
+    hf_dataset: str | None = None
+    hf_config: str | None = None
+    hf_split: str = "train"
+    hf_val_split: str | None = None
+    # "module:fn" or "path.py:fn", fn(row) -> {prompt, answer, ...} or None (malformed);
+    # with it, prompt_key/answer_key are not used. Any source but builtin/generator.
+    row_fn: str | None = None
 
     def check(self) -> None:
-        _require(self.source in ("builtin", "files", "generator"), "data.source",
-                 f"must be builtin, files or generator, got {self.source!r}")
+        _require(self.source in ("builtin", "files", "generator", "hf"), "data.source",
+                 f"must be builtin, files, generator or hf, got {self.source!r}")
+        if self.source == "hf":
+            _require(bool(self.hf_dataset), "data.hf_dataset",
+                     "data.source=hf needs data.hf_dataset=ID (e.g. openai/gsm8k) or a local dataset folder")
+            _require(bool(self.hf_split), "data.hf_split", "must name the split to train on, e.g. train")
+        else:
+            _require(self.hf_dataset is None, "data.hf_dataset",
+                     f"is read only with data.source=hf (now {self.source}); add data.source=hf")
+        _require(self.row_fn is None or ":" in self.row_fn, "data.row_fn",
+                 f"must look like 'module:fn' or 'path.py:fn', got {self.row_fn!r}")
+        _require(self.row_fn is None or self.source in ("files", "hf"), "data.row_fn",
+                 f"maps rows of data.source=files or hf, not {self.source}")
         if self.source == "generator":
             _require(bool(self.generator) and ":" in self.generator, "data.generator",
                      "data.source=generator needs data.generator='module:fn' or 'path.py:fn'")
