@@ -403,6 +403,43 @@ class EvalConfig:
         return tuple(sorted(set(self.k or [self.n]))) if self.n > 1 else ()
 
 
+def parse_band(text: str, key: str = "filter.keep") -> tuple[float, float]:
+    """``"lo:hi"`` -> (lo, hi) with 0 <= lo <= hi <= 1; ConfigError otherwise."""
+    lo, sep, hi = str(text).partition(":")
+    try:
+        band = (float(lo), float(hi)) if sep else None
+    except ValueError:
+        band = None
+    _require(band is not None and 0 <= band[0] <= band[1] <= 1, key,
+             f"must be 'lo:hi' with 0 <= lo <= hi <= 1 (pass rates kept, both ends included), got {text!r}")
+    return band
+
+
+@dataclass
+class FilterConfig:
+    """``python -m rlpost.data filter`` (rlpost.data.filter): pass rates of the
+    ``data`` split under the current model; sampling follows ``rollout`` (engine,
+    temperature, top_p, top_k, max_new_tokens, stop), scoring follows ``reward``."""
+
+    output: str | None = None  # folder: shards/, kept.parquet, report.json; required
+    split: str = "train"  # the data split filtered (train | val)
+    k: int = 8  # completions sampled per prompt
+    keep: str = "0.1:0.9"  # pass-rate band written to kept.parquet, both ends included
+    actors: int = 1  # rollout actors in the Ray Data pool, each with one engine
+    batch_size: int = 16  # prompts per engine call
+    shard_size: int = 256  # prompts per output shard, the unit of resume
+    limit: int = 0  # filter only the first N prompts (after dropping duplicates); 0 = all
+
+    def check(self) -> None:
+        _require(self.split in ("train", "val"), "filter.split", f"must be train or val, got {self.split!r}")
+        _require(self.k >= 1, "filter.k", f"must be >= 1 (completions per prompt), got {self.k}")
+        parse_band(self.keep)
+        _require(self.actors >= 1, "filter.actors", f"must be >= 1, got {self.actors}")
+        _require(self.batch_size >= 1, "filter.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.shard_size >= 1, "filter.shard_size", f"must be >= 1, got {self.shard_size}")
+        _require(self.limit >= 0, "filter.limit", f"must be >= 0 (0 = all), got {self.limit}")
+
+
 @dataclass
 class ConsoleLogConfig:
     progress_bar: bool = True
@@ -502,10 +539,11 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)  # read by rlpost.data filter only
 
     def check(self) -> None:
         for section in (self.model, self.data, self.rollout, self.trainer, self.algorithm, self.critic,
-                        self.reward, self.env, self.eval, self.logger, self.weight_sync, self.ray):
+                        self.reward, self.env, self.eval, self.logger, self.weight_sync, self.ray, self.filter):
             section.check()
         if self.env.enabled(self.rollout):
             _require(self.algorithm.adv_estimator not in ("remax", "gae"), "algorithm.adv_estimator",
