@@ -1,13 +1,13 @@
 """The difficulty filter's output folder (``filter.output``)::
 
-    filter.json              what decided the pass rates (model, data, reward, sampling)
+    manifest.json              what decided the pass rates (model, data, reward, sampling)
     shards/part-00000.parquet  every scored prompt of shard 0, in input order
-    kept.parquet             the prompts with pass_rate in filter.keep, in input order
-    report.json              counts: read, dropped (and why), scored, kept, pass-rate histogram
+    kept.parquet               the prompts with pass_rate in filter.keep, in input order
+    report.json                counts: read, dropped (and why), scored, kept, pass-rate histogram
 
 A shard file appears only when complete (written to a temporary name, then renamed),
 so after an interruption a rerun trusts every ``part-*.parquet`` it finds and samples
-the rest. A rerun with other settings than ``filter.json`` records stops with an
+the rest. A rerun with other settings than ``manifest.json`` records stops with an
 error instead of mixing pass rates of two models (``filter.keep`` may change freely).
 
 Rows of ``kept.parquet`` and the shards are what ``data.source=files`` reads: ``prompt``
@@ -36,7 +36,7 @@ class FilterOutput:
         self.root = Path(root).resolve()
         self.shards = self.root / "shards"
         self.shards.mkdir(parents=True, exist_ok=True)
-        manifest = self.root / "filter.json"
+        manifest = self.root / "manifest.json"
         recorded = json.loads(manifest.read_text()) if manifest.is_file() else None
         fingerprint = json.loads(json.dumps(fingerprint))  # the form it takes on disk
         if recorded is not None and recorded != fingerprint and self.done_shards():
