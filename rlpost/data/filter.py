@@ -29,6 +29,7 @@ settings samples only the shards that are missing, and a rerun that changes only
 from __future__ import annotations
 
 import json
+import os
 import time
 import zlib
 from dataclasses import dataclass, replace
@@ -194,6 +195,10 @@ def run_filter(cfg: RunConfig) -> dict:
 
         expected = {s: sum(p["shard"] == s for p in pending) for s in {p["shard"] for p in pending}}
         progress = _ShardProgress(out, expected, len(pending), started)
+        if cfg.ray.address is None and cfg.ray.num_cpus is None:
+            # A CPU slot for every sampler actor and scoring task: with fewer, the actors
+            # would hold every slot and no sample would ever be scored.
+            cfg.ray.num_cpus = max(os.cpu_count() or 1, cfg.filter.actors + cfg.reward.workers)
         cluster = start_cluster(cfg)
         try:
             sample_and_score(cfg, model_path, pending, progress.add)
