@@ -26,6 +26,7 @@ import ray.data
 
 from rlpost.config.schema import RewardConfig, RunConfig
 from rlpost.data.filter import PromptSampler, score_rows
+from rlpost.engines import resolve_rollout_engine
 from rlpost.workers.cluster import quiet_actor_logs
 from rlpost.workers.placement import actor_device, resolve_placement
 
@@ -51,6 +52,10 @@ def sample_and_score(cfg: RunConfig, model_path: str, prompts: list[dict], on_ro
     """Run the stream over ``prompts`` (``rlpost.data.filter.prepare_prompts`` rows) on
     the connected cluster, calling ``on_row`` with each scored row as it arrives."""
     resolve_placement(cfg)  # rollout.gpus_per_replica auto -> 0 or 1 from the cluster
+    # auto -> vllm or hf, decided once here as in rlpost.train, so every actor runs the same engine.
+    cfg.rollout.engine = resolve_rollout_engine(cfg.rollout.engine, model_path, gpu=bool(cfg.rollout.gpus_per_replica))
+    print(f"rlpost filter: {cfg.filter.actors} sampler actor(s), engine {cfg.rollout.engine}, "
+          f"{cfg.rollout.gpus_per_replica} GPU each; {cfg.reward.workers} scoring task(s) at a time", flush=True)
     f = cfg.filter
     batches = -(-len(prompts) // f.batch_size)
     ds = ray.data.from_items(prompts, override_num_blocks=max(batches, 1))
