@@ -213,12 +213,13 @@ def run_filter(cfg: RunConfig) -> dict:
 
 class _ShardProgress:
     """Collects scored rows per shard (they arrive in any order) and writes a shard as
-    soon as all its prompts are in, printing the rate and an ETA."""
+    soon as all its prompts are in, printing the rate and an ETA then and every 30 s."""
 
     def __init__(self, out, expected: dict[int, int], total: int, started: float):
         self.out, self.expected, self.total, self.started = out, expected, total, started
         self.rows: dict[int, list[dict]] = {s: [] for s in expected}
         self.scored = 0
+        self.printed, self.every_s = started, 30.0  # a progress line at least this often while rows arrive
 
     def add(self, row: dict) -> None:
         shard = int(row["shard"])
@@ -226,10 +227,17 @@ class _ShardProgress:
         self.scored += 1
         if len(self.rows[shard]) == self.expected[shard]:
             self.out.write_shard(shard, self.rows.pop(shard))
-            rate = self.scored / max(time.perf_counter() - self.started, 1e-9)
-            eta = (self.total - self.scored) / rate if rate > 0 else float("inf")
-            print(f"rlpost filter: shard {shard} written; {self.scored}/{self.total} prompts, "
-                  f"{rate:.2f} prompts/s, ETA {eta:.0f} s", flush=True)
+            self._print(f"shard {shard} written; ")
+        elif time.perf_counter() - self.printed >= self.every_s:
+            self._print("")
+
+    def _print(self, what: str) -> None:
+        now = time.perf_counter()
+        rate = self.scored / max(now - self.started, 1e-9)
+        eta = (self.total - self.scored) / rate if rate > 0 else float("inf")
+        print(f"rlpost filter: {what}{self.scored}/{self.total} prompts, {rate:.2f} prompts/s, ETA {eta:.0f} s",
+              flush=True)
+        self.printed = now
 
     def check_complete(self) -> None:
         if self.rows:

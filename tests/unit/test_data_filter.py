@@ -147,3 +147,13 @@ def test_filter_needs_an_output_folder(tmp_path):
 
     with pytest.raises(ConfigError, match="filter.output"):
         run_filter(load_config(["+recipe=grpo_math"]))
+
+
+def test_rlpost_data_filter_routes_and_reports_config_errors(capsys):
+    from rlpost.launch.cli import main
+
+    assert main(["data", "filter", "+recipe=grpo_math"]) == 2  # no filter.output: stops before reading
+    assert "filter.output" in capsys.readouterr().err
+    assert main(["data", "filter", "--keep", "0.9:0.1", "--output", "x"]) == 2
+    assert "filter.keep" in capsys.readouterr().err
+    assert main(["data", "sort"]) == 2 and "filter" in capsys.readouterr().err
