@@ -1,7 +1,7 @@
 """The difficulty filter's pure parts (rlpost.data.filter, rlpost.data.filter_output),
 without Ray: reading and dropping, sampling with the tiny model, scoring against known
 pass rates, the band, shards and the resume guard. The Ray Data pipeline itself is in
-tests/integration/test_data_filter.py."""
+tests/integration/test_data_filter_ray.py."""
 
 import json
 from collections import Counter
