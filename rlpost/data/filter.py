@@ -61,7 +61,8 @@ class ReadCounts:
 def prepare_prompts(cfg: RunConfig, tokenizer, data_dir: Path) -> tuple[list[dict], ReadCounts]:
     """Step 1: one row per distinct prompt, in source order, with its output shard.
 
-    Row: ``uid``, ``position`` (index among the prompts), ``shard``, ``messages`` (JSON,
+    Row: ``uid``, ``position`` (index among the prompts), ``shard``, ``batch`` (the engine
+    call it is sampled in: ``filter.batch_size`` prompts of one shard), ``messages`` (JSON,
     before ``data.system_prompt``, as training reads them back), ``question``,
     ``answer``, ``metadata`` (JSON), ``prompt_ids`` (templated, system prompt included).
     """
@@ -69,6 +70,7 @@ def prepare_prompts(cfg: RunConfig, tokenizer, data_dir: Path) -> tuple[list[dic
     rows, prompt_key, answer_key = raw_rows(cfg.data, split, cfg.seed, data_dir)
     row_fn = load_row_fn(cfg.data.row_fn)
     counts, seen, out = ReadCounts(), set(), []
+    batches_per_shard = -(-cfg.filter.shard_size // cfg.filter.batch_size)
     for index, row in enumerate(rows):
         if cfg.filter.limit and len(out) >= cfg.filter.limit:
             break
@@ -89,7 +91,9 @@ def prepare_prompts(cfg: RunConfig, tokenizer, data_dir: Path) -> tuple[list[dic
             continue
         seen.add(key)
         position = len(out)
-        out.append({"uid": f"{split}-{index}", "position": position, "shard": position // cfg.filter.shard_size,
+        shard, in_shard = divmod(position, cfg.filter.shard_size)
+        out.append({"uid": f"{split}-{index}", "position": position, "shard": shard,
+                    "batch": shard * batches_per_shard + in_shard // cfg.filter.batch_size,
                     "messages": json.dumps(parsed.messages), "question": parsed.question, "answer": parsed.answer,
                     "metadata": json.dumps(parsed.metadata), "prompt_ids": prompt_ids})
     counts.prompts = len(out)
@@ -104,7 +108,9 @@ def sampling_params(cfg: RunConfig) -> SamplingParams:
 
 def batch_seed(seed: int, uids: list[str]) -> int:
     """A sampling seed from the run seed and the batch's prompts, so the same batch
-    samples the same completions whichever actor gets it."""
+    samples the same completions whichever actor gets it. Batches are fixed at step 1
+    (the ``batch`` column, never spanning shards), so a shard sampled again after an
+    interruption gets the completions an uninterrupted run would have had."""
     return zlib.crc32(f"{seed}|{'|'.join(uids)}".encode()) & 0x7FFFFFFF
 
 

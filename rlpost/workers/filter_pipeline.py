@@ -1,7 +1,7 @@
 """The Ray side of the difficulty filter (``rlpost.data.filter``): a Ray Data stream of
 prompts through an actor pool of rollout engines, then reward tasks.
 
-    from_items(prompts) -> map_batches(sampler actors, ActorPoolStrategy(size=filter.actors))
+    from_items(engine batches) -> map_batches(sampler actors, ActorPoolStrategy(size=filter.actors))
                         -> map_batches(score_rows tasks, TaskPoolStrategy(size=reward.workers))
                         -> iter_rows() on the driver
 
@@ -18,6 +18,7 @@ on a cluster without a shared filesystem.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import pyarrow as pa
@@ -32,7 +33,9 @@ from rlpost.workers.placement import actor_device, resolve_placement
 
 
 class _SamplerActor:
-    """The Ray Data UDF class: one ``PromptSampler`` per actor, on the actor's device."""
+    """The Ray Data UDF class: one ``PromptSampler`` per actor, on the actor's device.
+    Each input row is one whole engine batch (``batch``, its prompts as JSON), so Ray
+    Data's own batching can never regroup prompts and change what a seed samples."""
 
     def __init__(self, cfg: RunConfig, model_path: str):
         quiet_actor_logs()
@@ -41,7 +44,7 @@ class _SamplerActor:
         self.sampler = PromptSampler(cfg, model_path, device=actor_device("filter sampler"))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return pa.Table.from_pylist(self.sampler(batch.to_pylist()))
+        return pa.Table.from_pylist([row for item in batch.to_pylist() for row in self.sampler(json.loads(item["prompts"]))])
 
 
 def _score(batch: pa.Table, reward: RewardConfig) -> pa.Table:
@@ -57,9 +60,12 @@ def sample_and_score(cfg: RunConfig, model_path: str, prompts: list[dict], on_ro
     print(f"rlpost filter: {cfg.filter.actors} sampler actor(s), engine {cfg.rollout.engine}, "
           f"{cfg.rollout.gpus_per_replica} GPU each; {cfg.reward.workers} scoring task(s) at a time", flush=True)
     f = cfg.filter
-    batches = -(-len(prompts) // f.batch_size)
-    ds = ray.data.from_items(prompts, override_num_blocks=max(batches, 1))
-    ds = ds.map_batches(_SamplerActor, batch_size=f.batch_size, batch_format="pyarrow",
+    groups: dict[int, list[dict]] = {}
+    for prompt in prompts:
+        groups.setdefault(prompt["batch"], []).append(prompt)
+    items = [{"batch": b, "prompts": json.dumps(group)} for b, group in sorted(groups.items())]
+    ds = ray.data.from_items(items, override_num_blocks=max(len(items), 1))
+    ds = ds.map_batches(_SamplerActor, batch_size=1, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=f.actors),
                         fn_constructor_kwargs={"cfg": cfg, "model_path": model_path},
                         num_cpus=1, num_gpus=cfg.rollout.gpus_per_replica or None,

@@ -41,9 +41,11 @@ def ray_cluster():
 @pytest.fixture(scope="module")
 def rows_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "rows.jsonl"
-    rows = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1), "id": i} for i in range(6)]
-    rows += [{"prompt": "What is 0 + 1?", "answer": "1", "id": 6},  # duplicate of id 0
-             {"prompt": "What is 7 + 1?", "id": 7}]  # malformed: no answer
+    # Phrased like the built-in data, so the tiny model answers and stops (lengths vary).
+    question = "Tom has {} apples and buys 1 more. How many apples does Tom have now?"
+    rows = [{"prompt": question.format(i), "answer": str(i + 1), "id": i} for i in range(6)]
+    rows += [{"prompt": question.format(0), "answer": "1", "id": 6},  # duplicate of id 0
+             {"prompt": question.format(7), "id": 7}]  # malformed: no answer
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -52,7 +54,8 @@ def _filter(rows_file: Path, out: Path, *extra: str) -> dict:
     return run_filter(load_config([
         "+recipe=grpo_math", "rollout.engine=hf", "data.source=files", f"data.train_files=[{rows_file}]",
         f"reward.fn='{THIS_FILE}:cyclic_reward'", "reward.workers=1", "filter.k=2", "filter.shard_size=4",
-        "filter.batch_size=2", "filter.actors=1", "rollout.max_new_tokens=6", f"filter.output={out}", *extra]))
+        # 24 tokens: room to stop (an answer takes about 17), so sampled lengths vary
+        "filter.batch_size=2", "filter.actors=1", "rollout.max_new_tokens=24", f"filter.output={out}", *extra]))
 
 
 def _rates(path: Path) -> dict[int, float]:
@@ -69,7 +72,7 @@ def test_filter_writes_known_pass_rates_keeps_the_band_and_resumes_per_shard(ray
     assert _rates(out / "shards" / "part-00001.parquet") == {4: 0.5, 5: 1.0}
     kept = pq.read_table(out / "kept.parquet").to_pylist()
     assert [r["id"] for r in kept] == [1, 4]  # exactly the pass rates in [0.25, 0.75]
-    assert all(r["num_scored"] == 2 and 1 <= r["mean_length"] <= 6 for r in kept)
+    assert all(r["num_scored"] == 2 and 1 <= r["mean_length"] <= 24 for r in kept)
     assert json.loads((out / "report.json").read_text())["kept"] == 2
     assert "shard 1 written" in capsys.readouterr().out
 
@@ -84,10 +87,14 @@ def test_filter_writes_known_pass_rates_keeps_the_band_and_resumes_per_shard(ray
     assert wider["sampled_now"] == 0
     assert [r["id"] for r in pq.read_table(out / "kept.parquet").to_pylist()] == [1, 2, 4, 5]
 
-    # A lost shard (as after an interruption) is sampled again, alone, with the same result.
+    # A lost shard (as after an interruption) is sampled again, alone, into the same rows:
+    # its engine batches are fixed and seeded by their prompts, so even the sampled
+    # lengths (mean_length) come out as in the first run.
+    lost = pq.read_table(out / "shards" / "part-00001.parquet").to_pylist()
     (out / "shards" / "part-00001.parquet").unlink()
     resumed = _filter(rows_file, out, "filter.keep=0.5:1")
     assert resumed["sampled_now"] == 2
+    assert pq.read_table(out / "shards" / "part-00001.parquet").to_pylist() == lost
     assert _rates(out / "shards" / "part-00001.parquet") == {4: 0.5, 5: 1.0}
     assert (out / "shards" / "part-00000.parquet").stat().st_mtime_ns == stamps["part-00000.parquet"]
 

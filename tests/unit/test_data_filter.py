@@ -59,6 +59,7 @@ def test_prepare_counts_drops_and_assigns_shards(tmp_path, tiny):
     assert (counts.loaded, counts.malformed, counts.too_long, counts.duplicates, counts.prompts) == (9, 1, 1, 1, 6)
     assert [json.loads(p["metadata"])["id"] for p in prompts] == [0, 1, 2, 3, 4, 5]
     assert [p["shard"] for p in prompts] == [0, 0, 0, 0, 1, 1]  # shard_size=4
+    assert [p["batch"] for p in prompts] == [0, 0, 0, 1, 2, 2]  # batch_size=3, never across a shard
     assert json.loads(prompts[1]["messages"]) == [{"role": "user", "content": "What is 1 + 1?"}]
     limited, counts = prepare_prompts(config(tmp_path, "filter.limit=2"), tiny[1], tmp_path)
     assert len(limited) == 2 and counts.loaded == 2
