@@ -44,7 +44,8 @@ class _SamplerActor:
         self.sampler = PromptSampler(cfg, model_path, device=actor_device("filter sampler"))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return pa.Table.from_pylist([row for item in batch.to_pylist() for row in self.sampler(json.loads(item["prompts"]))])
+        rows = [row for item in batch.to_pylist() for row in self.sampler(json.loads(item["prompts"]))]
+        return pa.Table.from_pylist(rows)
 
 
 def _score(batch: pa.Table, reward: RewardConfig) -> pa.Table:

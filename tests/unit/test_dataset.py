@@ -161,7 +161,7 @@ def test_hub_layout_folder_loads_through_hf_dataset(tmp_path, tokenizer):
     assert [s.uid for s in train] == ["train-0", "train-2"] and [s.answer for s in train] == ["8", "8"]
     assert train[0].metadata == {"id": 0}
     val, val_report = load_prompts(cfg, tokenizer, "val", seed=0, data_dir=tmp_path)
-    assert [s.question for s in val] == ["Tom has 3 apples and buys 5 more. How many?"]
+    assert [s.question for s in val] == ["Tom has 3 apples and buys 5 more. How many?"] and val_report.kept == 1
     # No val split named: no held-out data, as with source=files and no val_files.
     assert load_prompts(DataConfig(source="hf", hf_dataset=str(tmp_path / "gsm"), prompt_key="question"),
                         tokenizer, "val", 0, tmp_path)[0] == []
