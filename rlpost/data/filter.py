@@ -226,11 +226,13 @@ class _ShardProgress:
         self.rows: dict[int, list[dict]] = {s: [] for s in expected}
         self.scored = 0
         self.printed, self.every_s = started, 30.0  # a progress line at least this often while rows arrive
+        self.first = 0.0  # when the first scored row arrived
 
     def add(self, row: dict) -> None:
         shard = int(row["shard"])
         self.rows[shard].append(row)
         self.scored += 1
+        self.first = self.first or time.perf_counter()
         if len(self.rows[shard]) == self.expected[shard]:
             self.out.write_shard(shard, self.rows.pop(shard))
             self._print(f"shard {shard} written; ")
@@ -240,9 +242,10 @@ class _ShardProgress:
     def _print(self, what: str) -> None:
         now = time.perf_counter()
         rate = self.scored / max(now - self.started, 1e-9)
-        eta = (self.total - self.scored) / rate if rate > 0 else float("inf")
-        print(f"rlpost filter: {what}{self.scored}/{self.total} prompts, {rate:.2f} prompts/s, ETA {eta:.0f} s",
-              flush=True)
+        # The ETA from the rate since the first scored row: start-up (model loads) is over by then.
+        steady = (self.scored - 1) / (now - self.first) if self.scored > 1 and now > self.first else rate
+        eta = f"ETA {(self.total - self.scored) / steady:.0f} s" if steady > 0 else "ETA unknown"
+        print(f"rlpost filter: {what}{self.scored}/{self.total} prompts, {rate:.2f} prompts/s, {eta}", flush=True)
         self.printed = now
 
     def check_complete(self) -> None:

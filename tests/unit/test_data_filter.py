@@ -158,3 +158,27 @@ def test_rlpost_data_filter_routes_and_reports_config_errors(capsys):
     assert main(["data", "filter", "--keep", "0.9:0.1", "--output", "x"]) == 2
     assert "filter.keep" in capsys.readouterr().err
     assert main(["data", "sort"]) == 2 and "filter" in capsys.readouterr().err
+
+
+def test_progress_writes_a_shard_once_all_its_prompts_are_in(capsys):
+    import time
+
+    from rlpost.data.filter import _ShardProgress
+    from rlpost.errors import WorkerError
+
+    written = {}
+
+    class Recorder:  # stands in for FilterOutput
+        def write_shard(self, shard, rows):
+            written[shard] = [r["position"] for r in rows]
+
+    progress = _ShardProgress(Recorder(), {0: 2, 1: 1}, 3, time.perf_counter())
+    progress.add({"shard": 1, "position": 2})
+    progress.add({"shard": 0, "position": 1})
+    assert written == {1: [2]}  # shard 0 still misses a prompt
+    with pytest.raises(WorkerError, match="missing"):
+        progress.check_complete()
+    progress.add({"shard": 0, "position": 0})
+    assert written == {1: [2], 0: [1, 0]}
+    progress.check_complete()
+    assert "shard 0 written; 3/3 prompts" in capsys.readouterr().out
