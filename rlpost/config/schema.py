@@ -75,7 +75,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     # "builtin" generates math word problems of graded difficulty; "files" reads
-    # train_files / val_files (parquet or jsonl).
+    # train_files / val_files (parquet or jsonl); "hf" reads hf_dataset (rlpost.data.sources).
     source: str = "builtin"
     train_files: list[str] = field(default_factory=list)
     val_files: list[str] = field(default_factory=list)
@@ -91,10 +91,31 @@ class DataConfig:
     # source=generator: "module:fn" or "path.py:fn", fn(split, size, seed) -> rows
     # ({prompt, answer, ...}); sizes are builtin_train_size / builtin_val_size.
     generator: str | None = None
+    # source=hf: a hub id (openai/gsm8k) or a local dataset folder, loaded with
+    # datasets.load_dataset (load_from_disk for a save_to_disk folder); its config
+    # name, the split trained on, and the split evaluated on (null: no val split).
+    hf_dataset: str | None = None
+    hf_config: str | None = None
+    hf_split: str = "train"
+    hf_val_split: str | None = None
+    # "module:fn" or "path.py:fn", fn(row) -> {prompt, answer, ...} or None (malformed);
+    # with it, prompt_key/answer_key are not used. Any source but builtin/generator.
+    row_fn: str | None = None
 
     def check(self) -> None:
-        _require(self.source in ("builtin", "files", "generator"), "data.source",
-                 f"must be builtin, files or generator, got {self.source!r}")
+        _require(self.source in ("builtin", "files", "generator", "hf"), "data.source",
+                 f"must be builtin, files, generator or hf, got {self.source!r}")
+        if self.source == "hf":
+            _require(bool(self.hf_dataset), "data.hf_dataset",
+                     "data.source=hf needs data.hf_dataset=ID (e.g. openai/gsm8k) or a local dataset folder")
+            _require(bool(self.hf_split), "data.hf_split", "must name the split to train on, e.g. train")
+        else:
+            _require(self.hf_dataset is None, "data.hf_dataset",
+                     f"is read only with data.source=hf (now {self.source}); add data.source=hf")
+        _require(self.row_fn is None or ":" in self.row_fn, "data.row_fn",
+                 f"must look like 'module:fn' or 'path.py:fn', got {self.row_fn!r}")
+        _require(self.row_fn is None or self.source in ("files", "hf"), "data.row_fn",
+                 f"maps rows of data.source=files or hf, not {self.source}")
         if self.source == "generator":
             _require(bool(self.generator) and ":" in self.generator, "data.generator",
                      "data.source=generator needs data.generator='module:fn' or 'path.py:fn'")
@@ -381,6 +402,43 @@ class EvalConfig:
         return tuple(sorted(set(self.k or [self.n]))) if self.n > 1 else ()
 
 
+def parse_band(text: str, key: str = "filter.keep") -> tuple[float, float]:
+    """``"lo:hi"`` -> (lo, hi) with 0 <= lo <= hi <= 1; ConfigError otherwise."""
+    lo, sep, hi = str(text).partition(":")
+    try:
+        band = (float(lo), float(hi)) if sep else None
+    except ValueError:
+        band = None
+    _require(band is not None and 0 <= band[0] <= band[1] <= 1, key,
+             f"must be 'lo:hi' with 0 <= lo <= hi <= 1 (pass rates kept, both ends included), got {text!r}")
+    return band
+
+
+@dataclass
+class FilterConfig:
+    """``python -m rlpost.data filter`` (rlpost.data.filter): pass rates of the
+    ``data`` split under the current model; sampling follows ``rollout`` (engine,
+    temperature, top_p, top_k, max_new_tokens, stop), scoring follows ``reward``."""
+
+    output: str | None = None  # folder: shards/, kept.parquet, report.json; required
+    split: str = "train"  # the data split filtered (train | val)
+    k: int = 8  # completions sampled per prompt
+    keep: str = "0.1:0.9"  # pass-rate band written to kept.parquet, both ends included
+    actors: int = 1  # rollout actors in the Ray Data pool, each with one engine
+    batch_size: int = 16  # prompts per engine call
+    shard_size: int = 256  # prompts per output shard, the unit of resume
+    limit: int = 0  # filter only the first N prompts (after dropping duplicates); 0 = all
+
+    def check(self) -> None:
+        _require(self.split in ("train", "val"), "filter.split", f"must be train or val, got {self.split!r}")
+        _require(self.k >= 1, "filter.k", f"must be >= 1 (completions per prompt), got {self.k}")
+        parse_band(self.keep)
+        _require(self.actors >= 1, "filter.actors", f"must be >= 1, got {self.actors}")
+        _require(self.batch_size >= 1, "filter.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.shard_size >= 1, "filter.shard_size", f"must be >= 1, got {self.shard_size}")
+        _require(self.limit >= 0, "filter.limit", f"must be >= 0 (0 = all), got {self.limit}")
+
+
 @dataclass
 class ConsoleLogConfig:
     progress_bar: bool = True
@@ -480,12 +538,13 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)  # read by rlpost.data filter only
 
     def check(self) -> None:
         from rlpost.algorithms import make_algorithm
 
         for section in (self.model, self.data, self.rollout, self.trainer, self.algorithm, self.critic,
-                        self.reward, self.env, self.eval, self.logger, self.weight_sync, self.ray):
+                        self.reward, self.env, self.eval, self.logger, self.weight_sync, self.ray, self.filter):
             section.check()
         algorithm = make_algorithm(self.algorithm)
         if self.env.enabled(self.rollout):

@@ -6,6 +6,12 @@ answer is skipped and counted, and so is a prompt longer than
 that 30% of a dataset was dropped instead of finding out from a weak result.
 A missing file does stop the run (``DataError`` naming the path).
 
+Sources: the built-in generator, local parquet/jsonl files, an environment's task
+generator, or a dataset by hub id / local dataset folder (``rlpost.data.sources``);
+``data.row_fn`` maps any file or hub row onto prompt/answer first. ``raw_rows`` and
+``parse_row`` are the one path every reader takes, the difficulty filter
+(``rlpost.data.filter``) included.
+
 Order is the file order; ``uid`` = ``"{split}-{row_index}"`` (row index in the
 concatenated files, counting skipped rows) stays stable across runs, so resumes and
 groups can refer to it. Shuffling is the sampler's job.
@@ -22,6 +28,7 @@ from typing import Any, Literal
 
 from rlpost.config.schema import DataConfig
 from rlpost.data.math_gen import write_builtin_math
+from rlpost.data.sources import RowFn, load_row_fn, map_row, read_hub_rows
 from rlpost.errors import DataError
 from rlpost.types import PromptSample
 from rlpost.utils.jsonl import iter_jsonl
@@ -36,49 +43,87 @@ class DataReport:
     kept: int
     too_long: int  # prompts over data.max_prompt_tokens
     malformed: int  # missing/empty/unusable prompt or answer, or an unparsable line
+    first_error: str | None = None  # why data.row_fn failed on the first row it failed on
 
     def summary(self) -> str:
+        error = f"; first row_fn error: {self.first_error}" if self.first_error else ""
         return (f"data[{self.split}]: kept {self.kept} of {self.loaded} rows "
-                f"({self.too_long} over max_prompt_tokens, {self.malformed} malformed)")
+                f"({self.too_long} over max_prompt_tokens, {self.malformed} malformed{error})")
 
 
 def load_prompts(cfg: DataConfig, tokenizer, split: Split, seed: int,
                  data_dir: Path) -> tuple[list[PromptSample], DataReport]:
     """Templated prompts of ``split``. ``data_dir`` caches the built-in files;
-    ``source=files`` with no ``val_files`` gives an empty val split."""
+    ``source=files`` with no ``val_files`` (or ``source=hf`` with no
+    ``hf_val_split``) gives an empty val split."""
+    rows, prompt_key, answer_key = raw_rows(cfg, split, seed, data_dir)
+    row_fn = load_row_fn(cfg.row_fn)
+
+    samples: list[PromptSample] = []
+    loaded = too_long = malformed = 0
+    first_error = None
+    for index, row in enumerate(rows):
+        loaded += 1
+        parsed, error = parse_row(row, prompt_key, answer_key, row_fn)
+        if parsed is None:
+            malformed += 1
+            first_error = first_error or error
+            continue
+        prompt_ids = template_prompt(tokenizer, with_system_prompt(parsed.messages, cfg.system_prompt))
+        if len(prompt_ids) > cfg.max_prompt_tokens:
+            too_long += 1
+            continue
+        samples.append(PromptSample(uid=f"{split}-{index}", prompt_ids=tuple(prompt_ids), question=parsed.question,
+                                    answer=parsed.answer, metadata=parsed.metadata))
+    return samples, DataReport(split, loaded, len(samples), too_long, malformed, first_error)
+
+
+@dataclass(frozen=True)
+class ParsedRow:
+    messages: list[dict[str, str]]  # the prompt as chat messages, before data.system_prompt
+    question: str  # the last user turn: what reward functions see as ``prompt``
+    answer: str
+    metadata: dict[str, Any]  # the row's other scalar fields
+
+
+def raw_rows(cfg: DataConfig, split: Split, seed: int, data_dir: Path) -> tuple[Iterator[dict], str, str]:
+    """``(rows, prompt_key, answer_key)`` of ``split`` from the configured source, in
+    source order (the row index is the sample's uid). Rows are dicts or, for an
+    unparsable jsonl line, ``{}``."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be train or val, got {split!r}")
     if cfg.source == "builtin":
         train, val = write_builtin_math(Path(data_dir), cfg.builtin_train_size, cfg.builtin_val_size,
                                         cfg.builtin_max_level, seed)
-        files = [str(train if split == "train" else val)]
-        prompt_key, answer_key = "prompt", "answer"
-    elif cfg.source == "generator":
-        files, prompt_key, answer_key = [], "prompt", "answer"
-    else:
-        files = list(cfg.train_files if split == "train" else cfg.val_files)
-        prompt_key, answer_key = cfg.prompt_key, cfg.answer_key
-    rows = _generated_rows(cfg, split, seed) if cfg.source == "generator" else _read_rows(files)
+        return _read_rows([str(train if split == "train" else val)]), "prompt", "answer"
+    if cfg.source == "generator":
+        return iter(_generated_rows(cfg, split, seed)), "prompt", "answer"
+    keys = ("prompt", "answer") if cfg.row_fn else (cfg.prompt_key, cfg.answer_key)
+    if cfg.source == "hf":
+        return read_hub_rows(cfg, split), *keys
+    return _read_rows(list(cfg.train_files if split == "train" else cfg.val_files)), *keys
 
-    samples: list[PromptSample] = []
-    loaded = too_long = malformed = 0
-    for index, row in enumerate(rows):
-        loaded += 1
-        parsed = _parse_row(row, prompt_key, answer_key)
-        if parsed is None:
-            malformed += 1
-            continue
-        messages, question, answer = parsed
-        if cfg.system_prompt and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
-        prompt_ids = template_prompt(tokenizer, messages)
-        if len(prompt_ids) > cfg.max_prompt_tokens:
-            too_long += 1
-            continue
-        metadata = {k: v for k, v in row.items() if k not in (prompt_key, answer_key) and _is_scalar(v)}
-        samples.append(PromptSample(uid=f"{split}-{index}", prompt_ids=tuple(prompt_ids), question=question,
-                                    answer=answer, metadata=metadata))
-    return samples, DataReport(split, loaded, len(samples), too_long, malformed)
+
+def parse_row(row: Any, prompt_key: str, answer_key: str, row_fn: RowFn | None = None
+              ) -> tuple[ParsedRow | None, str | None]:
+    """``(parsed, None)``, or ``(None, reason or None)`` for a malformed row. With
+    ``row_fn`` the row is mapped first and its result read with ``prompt_key`` /
+    ``answer_key`` (``prompt`` / ``answer`` for a mapper, ``raw_rows`` says)."""
+    mapped, error = map_row(row, row_fn)
+    if mapped is None:
+        return None, error
+    parsed = _parse_row(mapped, prompt_key, answer_key)
+    if parsed is None:
+        return None, None
+    messages, question, answer = parsed
+    metadata = {k: v for k, v in mapped.items() if k not in (prompt_key, answer_key) and _is_scalar(v)}
+    return ParsedRow(messages, question, answer, metadata), None
+
+
+def with_system_prompt(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
+    if system_prompt and messages[0]["role"] != "system":
+        return [{"role": "system", "content": system_prompt}, *messages]
+    return messages
 
 
 def _generated_rows(cfg: DataConfig, split: Split, seed: int) -> list[dict]:

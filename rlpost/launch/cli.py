@@ -2,6 +2,7 @@
 
 Targets: ``local`` (in-process, like ``python -m rlpost.train``), ``ray`` (a job on an
 existing Ray cluster), ``slurm`` (an sbatch script), ``k8s`` (a KubeRay RayJob).
+``rlpost data filter ...`` is ``python -m rlpost.data filter ...`` (difficulty filtering).
 Rendered scripts and manifests go to stdout, messages to stderr, so
 ``rlpost slurm ... > job.sbatch`` works. The config is loaded and validated first:
 nothing is rendered or submitted for a config that would not run.
@@ -147,6 +148,8 @@ _RUN = {"local": _local, "ray": _ray, "slurm": _slurm, "k8s": _k8s}
 def _usage() -> str:
     lines = ["usage: rlpost {local,ray,slurm,k8s} [--dry-run] [options] +recipe=NAME [key=value ...]", ""]
     lines += [f"  {name:<6} {text}" for name, text in TARGETS.items()]
+    lines += ["", "rlpost data filter [--keep LO:HI] [--output DIR] +recipe=NAME [key=value ...]",
+              "  pass rates of a dataset under the model, and the prompts in a band (docs/data.md)"]
     lines += ["", "`rlpost TARGET --help` lists a target's options."]
     return "\n".join(lines)
 
@@ -157,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0 if argv else 2
     target, rest = argv[0], argv[1:]
+    if target == "data":  # not a launch target: a data command, run here
+        from rlpost.data.__main__ import main as data_main
+
+        return data_main(rest)
     if target not in TARGETS:
         print(f"rlpost: error: unknown target {target!r}; choose one of {', '.join(TARGETS)}\n\n{_usage()}",
               file=sys.stderr)

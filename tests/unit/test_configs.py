@@ -84,6 +84,9 @@ def test_appended_unknown_key_is_caught_by_the_schema():
     ("rollout.top_p=1.5", "rollout.top_p"),
     ("trainer.world_size=3", "data.train_batch_size"),  # 16 * 4 rows do not split over 3 ranks
     ("algorithm.adv_estimator=nope", "algorithm.adv_estimator"),
+    ("data.source=hf", "data.hf_dataset"),  # hf without a dataset
+    ("data.hf_dataset=openai/gsm8k", "data.hf_dataset"),  # a dataset while source=builtin: add data.source=hf
+    ("data.row_fn=nocolon", "data.row_fn"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

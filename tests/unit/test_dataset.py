@@ -137,3 +137,66 @@ def test_builtin_source(tmp_path, tokenizer):
     assert {s.metadata["level"] for s in train} == {1, 2}
     assert not {s.question for s in train} & {s.question for s in val}
     assert all(s.answer.isdigit() for s in train + val)
+
+
+# --- data.source=hf: hub ids and local dataset folders (rlpost.data.sources) ---
+
+def _gsm_rows():
+    return [{"question": "Tom has 3 apples and buys 5 more. How many?", "answer": "3 + 5 = 8\n#### 8", "id": 0},
+            {"question": "What is 2 + 3?", "answer": None, "id": 1},  # malformed: no answer
+            {"question": "What is 4 + 4?", "answer": "#### 8", "id": 2}]
+
+
+def test_hub_layout_folder_loads_through_hf_dataset(tmp_path, tokenizer):
+    # The layout the hub serves (data/<split>-*.parquet), read by datasets.load_dataset offline.
+    import datasets
+
+    (tmp_path / "gsm" / "data").mkdir(parents=True)
+    datasets.Dataset.from_list(_gsm_rows()).to_parquet(str(tmp_path / "gsm" / "data" / "train-00000-of-00001.parquet"))
+    datasets.Dataset.from_list(_gsm_rows()[:1]).to_parquet(str(tmp_path / "gsm" / "data" / "test-00000-of-00001.parquet"))
+    cfg = DataConfig(source="hf", hf_dataset=str(tmp_path / "gsm"), hf_split="train", hf_val_split="test",
+                     prompt_key="question")
+    train, report = load_prompts(cfg, tokenizer, "train", seed=0, data_dir=tmp_path)
+    assert (report.loaded, report.kept, report.malformed) == (3, 2, 1)
+    assert [s.uid for s in train] == ["train-0", "train-2"] and [s.answer for s in train] == ["8", "8"]
+    assert train[0].metadata == {"id": 0}
+    val, val_report = load_prompts(cfg, tokenizer, "val", seed=0, data_dir=tmp_path)
+    assert [s.question for s in val] == ["Tom has 3 apples and buys 5 more. How many?"] and val_report.kept == 1
+    # No val split named: no held-out data, as with source=files and no val_files.
+    assert load_prompts(DataConfig(source="hf", hf_dataset=str(tmp_path / "gsm"), prompt_key="question"),
+                        tokenizer, "val", 0, tmp_path)[0] == []
+    with pytest.raises(DataError, match="validation"):
+        load_prompts(DataConfig(source="hf", hf_dataset=str(tmp_path / "gsm"), hf_split="validation"),
+                     tokenizer, "train", 0, tmp_path)
+
+
+def test_save_to_disk_folder_loads_and_row_fn_maps_columns(tmp_path, tokenizer):
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(_gsm_rows())}).save_to_disk(str(tmp_path / "saved"))
+    mapper = tmp_path / "mapper.py"
+    mapper.write_text(
+        "def to_prompt(row):\n"
+        "    if row['id'] == 2:\n"
+        "        raise KeyError('no such column')\n"
+        "    return {'prompt': 'Q: ' + row['question'], 'answer': row['answer'], 'level': row['id'] + 1}\n")
+    cfg = DataConfig(source="hf", hf_dataset=str(tmp_path / "saved"), row_fn=f"{mapper}:to_prompt")
+    samples, report = load_prompts(cfg, tokenizer, "train", seed=0, data_dir=tmp_path)
+    # Row 1 has no answer after mapping, row 2 makes the mapper raise: both malformed, the reason kept.
+    assert (report.loaded, report.kept, report.malformed) == (3, 1, 2)
+    assert samples[0].question == "Q: Tom has 3 apples and buys 5 more. How many?"
+    assert samples[0].metadata == {"level": 1}
+    assert "KeyError" in report.summary() and "no such column" in report.summary()
+
+
+def test_uncached_hub_id_offline_says_so(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))  # nothing cached
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty-hf-home" / "datasets"))
+    cfg = DataConfig(source="hf", hf_dataset="rlpost-tests/not-downloaded", hf_config="main")
+    with pytest.raises(DataError) as err:
+        load_prompts(cfg, tokenizer, "train", seed=0, data_dir=tmp_path)
+    msg = str(err.value)
+    assert "rlpost-tests/not-downloaded" in msg and "not in the local datasets cache" in msg
+    assert "HF_HUB_OFFLINE" in msg and "data.train_files" in msg
