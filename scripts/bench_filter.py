@@ -34,7 +34,7 @@ def main() -> None:
     import torch
 
     from rlpost.config.load import load_config
-    from rlpost.data.filter import run_filter
+    from rlpost.data.filter_run import run_filter
     from rlpost.workers.cluster import start_cluster, stop_cluster
 
     torch.set_num_threads(1)

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.output is not None:
         overrides.append(f"filter.output={args.output}")
     from rlpost.config.load import load_config
-    from rlpost.data.filter import run_filter
+    from rlpost.data.filter_run import run_filter
 
     try:
         run_filter(load_config(overrides))

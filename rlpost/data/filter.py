@@ -29,17 +29,14 @@ settings samples only the shards that are missing, and a rerun that changes only
 from __future__ import annotations
 
 import json
-import os
-import time
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
-from rlpost.config.schema import RewardConfig, RunConfig, parse_band
+from rlpost.config.schema import RewardConfig, RunConfig
 from rlpost.data.dataset import parse_row, raw_rows, template_prompt, with_system_prompt
 from rlpost.data.sources import load_row_fn
-from rlpost.errors import ConfigError, WorkerError
 from rlpost.types import SamplingParams
 
 
@@ -67,9 +64,10 @@ def prepare_prompts(cfg: RunConfig, tokenizer, data_dir: Path) -> tuple[list[dic
     ``answer``, ``metadata`` (JSON), ``prompt_ids`` (templated, system prompt included).
     """
     split = cfg.filter.split
-    rows, prompt_key, answer_key = raw_rows(cfg.data, split, cfg.seed, data_dir)
+    # filter.split is train or val (FilterConfig.check)
+    rows, prompt_key, answer_key = raw_rows(cfg.data, cast(Literal["train", "val"], split), cfg.seed, data_dir)
     row_fn = load_row_fn(cfg.data.row_fn)
-    counts, seen, out = ReadCounts(), set(), []
+    counts, seen, out = ReadCounts(), set[str](), list[dict]()
     batches_per_shard = -(-cfg.filter.shard_size // cfg.filter.batch_size)
     for index, row in enumerate(rows):
         if cfg.filter.limit and len(out) >= cfg.filter.limit:
@@ -174,81 +172,3 @@ def fingerprint(cfg: RunConfig, model_path: str) -> dict:
     return {"model": model_path, "data": to_dict(cfg.data), "reward": {"fn": cfg.reward.fn, "kwargs": cfg.reward.kwargs},
             "sampling": to_dict(sampling_params(cfg)), "engine": cfg.rollout.engine, "seed": cfg.seed,
             "split": f.split, "shard_size": f.shard_size, "limit": f.limit}
-
-
-def run_filter(cfg: RunConfig) -> dict:
-    """Steps 1-3 (module docstring); returns the report written to ``report.json``."""
-    from rlpost.data.filter_output import FilterOutput
-    from rlpost.models.loading import load_tokenizer, resolve_model_path
-    from rlpost.train import cache_root
-    from rlpost.workers.cluster import start_cluster, stop_cluster
-
-    if not cfg.filter.output:
-        raise ConfigError("filter.output: name the folder to write, e.g. filter.output=filtered/gsm8k")
-    band = parse_band(cfg.filter.keep)
-    model_path = resolve_model_path(cfg.model.path)
-    out = FilterOutput(Path(cfg.filter.output), fingerprint(cfg, model_path))
-    prompts, counts = prepare_prompts(cfg, load_tokenizer(model_path), cache_root() / "data")
-    print(f"rlpost filter: {counts.summary()}", flush=True)
-    done = out.done_shards()
-    pending = [p for p in prompts if p["shard"] not in done]
-    shards = sorted({p["shard"] for p in prompts})
-    print(f"rlpost filter: {len(shards)} shard(s) of up to {cfg.filter.shard_size} prompts; "
-          f"{len(shards) - len({p['shard'] for p in pending})} already written in {out.root}", flush=True)
-    started = time.perf_counter()
-    if pending:
-        from rlpost.workers.filter_pipeline import sample_and_score
-
-        expected = {s: sum(p["shard"] == s for p in pending) for s in {p["shard"] for p in pending}}
-        progress = _ShardProgress(out, expected, len(pending), started)
-        if cfg.ray.address is None and cfg.ray.num_cpus is None:
-            # A CPU slot for every sampler actor and scoring task: with fewer, the actors
-            # would hold every slot and no sample would ever be scored.
-            cfg.ray.num_cpus = max(os.cpu_count() or 1, cfg.filter.actors + cfg.reward.workers)
-        cluster = start_cluster(cfg)
-        try:
-            sample_and_score(cfg, model_path, pending, progress.add)
-        finally:
-            stop_cluster(cluster)
-        progress.check_complete()
-    seconds = time.perf_counter() - started
-    report = out.finish(band, counts, sampled=len(pending), seconds=seconds)
-    print(f"rlpost filter: {report['summary']}", flush=True)
-    return report
-
-
-class _ShardProgress:
-    """Collects scored rows per shard (they arrive in any order) and writes a shard as
-    soon as all its prompts are in, printing the rate and an ETA then and every 30 s."""
-
-    def __init__(self, out, expected: dict[int, int], total: int, started: float):
-        self.out, self.expected, self.total, self.started = out, expected, total, started
-        self.rows: dict[int, list[dict]] = {s: [] for s in expected}
-        self.scored = 0
-        self.printed, self.every_s = started, 30.0  # a progress line at least this often while rows arrive
-        self.first = 0.0  # when the first scored row arrived
-
-    def add(self, row: dict) -> None:
-        shard = int(row["shard"])
-        self.rows[shard].append(row)
-        self.scored += 1
-        self.first = self.first or time.perf_counter()
-        if len(self.rows[shard]) == self.expected[shard]:
-            self.out.write_shard(shard, self.rows.pop(shard))
-            self._print(f"shard {shard} written; ")
-        elif time.perf_counter() - self.printed >= self.every_s:
-            self._print("")
-
-    def _print(self, what: str) -> None:
-        now = time.perf_counter()
-        rate = self.scored / max(now - self.started, 1e-9)
-        # The ETA from the rate since the first scored row: start-up (model loads) is over by then.
-        steady = (self.scored - 1) / (now - self.first) if self.scored > 1 and now > self.first else rate
-        eta = f"ETA {(self.total - self.scored) / steady:.0f} s" if steady > 0 else "ETA unknown"
-        print(f"rlpost filter: {what}{self.scored}/{self.total} prompts, {rate:.2f} prompts/s, {eta}", flush=True)
-        self.printed = now
-
-    def check_complete(self) -> None:
-        if self.rows:
-            missing = {s: self.expected[s] - len(r) for s, r in self.rows.items()}
-            raise WorkerError(f"the pipeline ended with prompts missing from shards {missing}")

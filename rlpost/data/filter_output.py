@@ -21,7 +21,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -107,11 +109,11 @@ def output_table(rows: list[dict]) -> pa.Table:
         return pa.Table.from_pylist(rows)
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         keys = {k for r in rows for k in r}
-        fixed = dict.fromkeys(keys)
+        fixed: dict[str, Callable[[Any], Any] | None] = dict.fromkeys(keys)
         for key in keys:
             try:
                 pa.array([r.get(key) for r in rows])
             except (pa.ArrowInvalid, pa.ArrowTypeError):
                 fixed[key] = str
-        return pa.Table.from_pylist([{k: (None if v is None else fixed[k](v)) if fixed.get(k) else v
+        return pa.Table.from_pylist([{k: v if (conv := fixed.get(k)) is None or v is None else conv(v)
                                       for k, v in r.items()} for r in rows])

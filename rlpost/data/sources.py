@@ -37,6 +37,8 @@ def read_hub_rows(cfg: DataConfig, split: str) -> Iterator[dict]:
     name = hub_split(cfg, split)
     if name is None:
         return iter(())
+    if cfg.hf_dataset is None:
+        raise ConfigError("data.source=hf needs data.hf_dataset (a hub id or a local dataset folder)")
     return iter(load_hub_split(cfg.hf_dataset, cfg.hf_config, name))
 
 

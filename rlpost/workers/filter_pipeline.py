@@ -18,6 +18,7 @@ on a cluster without a shared filesystem.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 
@@ -65,14 +66,15 @@ def sample_and_score(cfg: RunConfig, model_path: str, prompts: list[dict], on_ro
     for prompt in prompts:
         groups.setdefault(prompt["batch"], []).append(prompt)
     items = [{"batch": b, "prompts": json.dumps(group)} for b, group in sorted(groups.items())]
-    ds = ray.data.from_items(items, override_num_blocks=max(len(items), 1))
+    ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=max(len(items), 1))
+    gpus = float(cfg.rollout.gpus_per_replica or 0) or None  # a number after resolve_placement
     ds = ds.map_batches(_SamplerActor, batch_size=1, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=f.actors),
                         fn_constructor_kwargs={"cfg": cfg, "model_path": model_path},
-                        num_cpus=1, num_gpus=cfg.rollout.gpus_per_replica or None,
+                        num_cpus=1, num_gpus=gpus,
                         resources=cfg.rollout.resources)
-    ds = ds.map_batches(_score, batch_size=f.batch_size, batch_format="pyarrow",
-                        compute=ray.data.TaskPoolStrategy(size=cfg.reward.workers),
-                        fn_kwargs={"reward": cfg.reward}, num_cpus=1)
+    ds = ds.map_batches(functools.partial(_score, reward=cfg.reward), batch_size=f.batch_size,
+                        batch_format="pyarrow", compute=ray.data.TaskPoolStrategy(size=cfg.reward.workers),
+                        num_cpus=1)
     for row in ds.iter_rows():
         on_row(row)

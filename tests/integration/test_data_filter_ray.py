@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rlpost.config.load import load_config
-from rlpost.data.filter import run_filter
+from rlpost.data.filter_run import run_filter
 from rlpost.errors import ConfigError
 
 pytestmark = pytest.mark.integration

@@ -144,7 +144,7 @@ def test_rerun_with_other_settings_is_refused(tmp_path, tiny):
 
 
 def test_filter_needs_an_output_folder(tmp_path):
-    from rlpost.data.filter import run_filter
+    from rlpost.data.filter_run import run_filter
 
     with pytest.raises(ConfigError, match="filter.output"):
         run_filter(load_config(["+recipe=grpo_math"]))
@@ -163,7 +163,7 @@ def test_rlpost_data_filter_routes_and_reports_config_errors(capsys):
 def test_progress_writes_a_shard_once_all_its_prompts_are_in(capsys):
     import time
 
-    from rlpost.data.filter import _ShardProgress
+    from rlpost.data.filter_run import _ShardProgress
     from rlpost.errors import WorkerError
 
     written = {}
