@@ -3,24 +3,32 @@
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_weight_sync.py
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_weight_sync.py --params-m 50 200 --receivers 1 --bucket-mb 64
 
-For each size, one invocation times two things over the *same* process group (the
-sync group rlpost builds: same processes, same gloo/NCCL transport, same sockets),
-alternating them ``--repeats`` times after one warm-up of each:
+For each size, one invocation times these over the *same* process group (the
+sync group rlpost builds: same processes, same gloo/NCCL transport, same sockets,
+same gloo worker threads), in a rotating order, ``--repeats`` rounds after one
+warm-up round:
 
 - **bare**: one ``broadcast`` of a single flat tensor holding the model's total
-  bytes, from a preallocated tensor into preallocated tensors: the wire's speed.
-- **rlpost**: one ``WeightSender.send`` of a Qwen2-shaped set of tensors to
+  bytes, from a preallocated tensor into preallocated tensors: the wire's speed
+  for those bytes between those processes (no packing, no per-tensor work, one
+  collective).
+- **rlpost dN** (one per ``--depth`` N; the shipped pipeline depth is 8, 2 was the
+  depth before it): one ``WeightSender.send`` of a Qwen2-shaped set of tensors to
   ``--receivers`` ``WeightReceiver`` processes, each loading the stream into its
   own preallocated model-shaped tensors as an engine's in-place load does
   (``--load land``: it offers those tensors to the stream with ``load_into``, as
   ``HFRolloutEngine.update_weights`` does, and ``copy_``s whatever did not land
   there; ``--load copy``: it only ``copy_``s every yielded tensor, as an engine
-  whose storage cannot take the wire format does).
+  whose storage cannot take the wire format does), with at most N broadcasts in
+  flight per rank. It includes everything a sync does: the version/layout
+  handshake, packing small tensors, one broadcast per bucket.
 
 Each timing runs from a barrier to a barrier (a one-element all-reduce after the
-last receiver is done), so both include the same synchronisation. Reported: median
-seconds, GB/s (model bytes / time; each receiver gets all of them) and the ratio
-rlpost / bare. The weights are fp32 tensors of a Qwen2-style model (embedding,
+last receiver is done), so all include the same synchronisation. Reported: median
+seconds, GB/s (model bytes / median time; each receiver gets all of them) and
+rlpost/bare as the median over rounds of that round's bare time over its rlpost
+time (pairs measured seconds apart, so a shared machine's drift cancels), and the
+1-minute load average before and after. The weights are fp32 tensors of a Qwen2-style model (embedding,
 per-layer attention/MLP matrices, norms) scaled to about ``--params-m`` M
 parameters, so bucket packing sees realistic tensor sizes. ``--profile`` also
 prints where the sender's time goes (cProfile, one sync). Not included: gathering
@@ -32,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import socket
 import statistics
 import sys
@@ -83,25 +92,38 @@ def _bare(endpoint, flat: torch.Tensor) -> None:
     endpoint._require().pg.broadcast(flat, 0).wait()
 
 
-def _order(i: int) -> tuple[str, str]:
-    return ("bare", "rlpost") if i % 2 == 0 else ("rlpost", "bare")  # alternate, so drift hits both
+def _order(i: int, cases: list[str]) -> list[str]:
+    """Round i's order: rotated by one each round, so drift hits every case alike."""
+    k = i % len(cases)
+    return cases[k:] + cases[:k]
+
+
+def _cases(depths: list[int]) -> list[str]:
+    return ["bare"] + [f"rlpost d{d}" for d in depths]
+
+
+def _set_depth(endpoint, what: str) -> None:
+    endpoint._depth = int(what.split("d")[-1])
 
 
 def _receiver(rank: int, world: int, port: int, shapes, bucket_mb: float, alone_mb: float, rounds: int, load: str,
-              ready) -> None:
+              depths: list[int], ready) -> None:
     torch.set_num_threads(1)
     model = {name: torch.zeros(shape, dtype=dtype) for name, shape, dtype in shapes}
     flat = torch.zeros(sum(t.numel() * t.element_size() for t in model.values()), dtype=torch.uint8)
     plan = make_plan(shapes, bucket_mb, alone_mb)
     with WeightReceiver("127.0.0.1", port, rank, world, timeout_s=600) as receiver:
         ready.put(rank)
+        version = 0
         for i in range(rounds):
-            for what in _order(i):
+            for what in _order(i, _cases(depths)):
                 _barrier(receiver)
                 if what == "bare":
                     _bare(receiver, flat)
                 else:
-                    stream = receiver.receive(plan, i + 1)
+                    version += 1
+                    _set_depth(receiver, what)
+                    stream = receiver.receive(plan, version)
                     if load == "land" and hasattr(stream, "load_into"):
                         stream.load_into(model)
                     for name, tensor in stream:
@@ -110,7 +132,7 @@ def _receiver(rank: int, world: int, port: int, shapes, bucket_mb: float, alone_
                             target.copy_(tensor)
                 _barrier(receiver)
         # honesty check: the model tensors hold what the sender sent last
-        ok = all(torch.equal(t, _weight(name, t.shape, rounds)) for name, t in list(model.items())[:4])
+        ok = all(torch.equal(t, _weight(name, t.shape, rounds)) for name, t in model.items())
         ready.put(("check", rank, ok))
 
 
@@ -120,7 +142,7 @@ def _weight(name: str, shape, version: int) -> torch.Tensor:
 
 
 def bench(params_m: float, receivers: int, bucket_mb: float, alone_mb: float, repeats: int, load: str,
-          profile: bool) -> dict:
+          depths: list[int], profile: bool) -> dict:
     shapes = qwen2_like_shapes(params_m)
     weights = {name: torch.randn(shape, dtype=dtype) for name, shape, dtype in shapes}
     nbytes = sum(t.numel() * t.element_size() for t in weights.values())
@@ -129,33 +151,39 @@ def bench(params_m: float, receivers: int, bucket_mb: float, alone_mb: float, re
     port, world, rounds = free_loopback_port(), receivers + 1, repeats + 1
     ctx = mp.get_context("spawn")
     ready = ctx.Queue()
-    procs = [ctx.Process(target=_receiver, args=(r, world, port, shapes, bucket_mb, alone_mb, rounds, load, ready))
+    procs = [ctx.Process(target=_receiver, args=(r, world, port, shapes, bucket_mb, alone_mb, rounds, load, depths, ready))
              for r in range(1, world)]
     for p in procs:
         p.start()
-    times: dict[str, list[float]] = {"bare": [], "rlpost": []}
+    times: dict[str, list[float]] = {what: [] for what in _cases(depths)}
     checks = []
+    load_before = os.getloadavg()[0]
     try:
         with WeightSender("127.0.0.1", port, world, timeout_s=600, bucket_mb=bucket_mb) as sender:
             for _ in range(receivers):
                 ready.get(timeout=120)
+            version = 0
             for i in range(rounds):
                 if i == rounds - 1:  # the last round sends checkable weights
                     weights = {name: _weight(name, t.shape, rounds) for name, t in weights.items()}
-                for what in _order(i):
+                for what in _order(i, _cases(depths)):
                     _barrier(sender)
                     t0 = time.perf_counter()
                     if what == "bare":
                         _bare(sender, flat)
-                    elif profile and i == 1:
-                        import cProfile
-                        import pstats
-
-                        with cProfile.Profile() as prof:
-                            sender.send(iter(weights.items()), plan, i + 1)
-                        pstats.Stats(prof).sort_stats("tottime").print_stats(8)
                     else:
-                        sender.send(iter(weights.items()), plan, i + 1)
+                        version += 1
+                        _set_depth(sender, what)
+                        if profile and i == 1:
+                            import cProfile
+                            import pstats
+
+                            with cProfile.Profile() as prof:
+                                sender.send(iter(weights.items()), plan, version)
+                            print(what)
+                            pstats.Stats(prof).sort_stats("tottime").print_stats(8)
+                        else:
+                            sender.send(iter(weights.items()), plan, version)
                     _barrier(sender)  # every receiver has loaded everything
                     times[what].append(time.perf_counter() - t0)
             for _ in range(receivers):
@@ -167,10 +195,13 @@ def bench(params_m: float, receivers: int, bucket_mb: float, alone_mb: float, re
                 p.kill()
     if not all(ok for _, _, ok in checks):
         raise SystemExit(f"receivers did not end with the sent weights: {checks}")
-    bare, ours = statistics.median(times["bare"][1:]), statistics.median(times["rlpost"][1:])
+    bare = times["bare"][1:]  # round 0 is the warm-up
+    ours = {what: t[1:] for what, t in times.items() if what != "bare"}
     return {"params_m": sum(torch.Size(s).numel() for _, s, _ in shapes) / 1e6, "gb": nbytes / 1e9,
             "receivers": receivers, "bucket_mb": bucket_mb, "alone_mb": alone_mb, "buckets": len(plan.buckets),
-            "bare_s": bare, "sync_s": ours, "ratio": bare / ours}
+            "bare_s": statistics.median(bare), "load": (load_before, os.getloadavg()[0]),
+            "sync_s": {what: statistics.median(t) for what, t in ours.items()},
+            "ratio": {what: statistics.median([b / o for b, o in zip(bare, t)]) for what, t in ours.items()}}
 
 
 def main() -> None:
@@ -182,20 +213,24 @@ def main() -> None:
                         help="tensors of at least this many MiB travel alone (make_plan's alone_mb)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--load", choices=("land", "copy"), default="land")
+    parser.add_argument("--depth", type=int, nargs="+", default=[8, 2],
+                        help="rlpost's most broadcasts in flight per rank, one measured case each (shipped: 8)")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"load={args.load}")
-    print("| params (M) | size (GB fp32) | receivers | bucket MB | alone MB | buckets | bare s | bare GB/s | rlpost s | "
-          "rlpost GB/s | rlpost/bare |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| params (M) | size (GB fp32) | receivers | bucket MB | alone MB | buckets | load 1m | bare s | bare GB/s | "
+          "depth | rlpost s | rlpost GB/s | rlpost/bare |")
+    print("|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for params_m in args.params_m:
         for receivers in args.receivers:
             for bucket_mb, alone_mb in [(b, a) for b in args.bucket_mb for a in args.alone_mb]:
-                r = bench(params_m, receivers, bucket_mb, alone_mb, args.repeats, args.load, args.profile)
-                print(f"| {r['params_m']:.1f} | {r['gb']:.3f} | {r['receivers']} | {r['bucket_mb']:g} | "
-                      f"{r['alone_mb']:g} | {r['buckets']} | {r['bare_s']:.3f} | {r['gb'] / r['bare_s']:.2f} | {r['sync_s']:.3f} | "
-                      f"{r['gb'] / r['sync_s']:.2f} | {r['ratio']:.2f} |", flush=True)
+                r = bench(params_m, receivers, bucket_mb, alone_mb, args.repeats, args.load, args.depth, args.profile)
+                for what, sync_s in r["sync_s"].items():
+                    print(f"| {r['params_m']:.1f} | {r['gb']:.3f} | {r['receivers']} | {r['bucket_mb']:g} | "
+                          f"{r['alone_mb']:g} | {r['buckets']} | {r['load'][0]:.1f}-{r['load'][1]:.1f} | {r['bare_s']:.3f} | "
+                          f"{r['gb'] / r['bare_s']:.2f} | {what.split('d')[-1]} | {sync_s:.3f} | {r['gb'] / sync_s:.2f} | "
+                          f"{r['ratio'][what]:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
