@@ -28,12 +28,18 @@ last receiver is done), so all include the same synchronisation. Reported: media
 seconds, GB/s (model bytes / median time; each receiver gets all of them) and
 rlpost/bare as the median over rounds of that round's bare time over its rlpost
 time (pairs measured seconds apart, so a shared machine's drift cancels), and the
-1-minute load average before and after. The weights are fp32 tensors of a Qwen2-style model (embedding,
-per-layer attention/MLP matrices, norms) scaled to about ``--params-m`` M
-parameters, so bucket packing sees realistic tensor sizes. ``--profile`` also
+1-minute load average before and after.
+
+The weights are fp32 tensors of a Qwen2-style model (embedding, per-layer
+attention/MLP matrices, norms) scaled to about ``--params-m`` M parameters, so
+bucket packing sees realistic tensor sizes. With ``--sender fsdp``
+they come instead from a real one-rank FSDP2 ``FSDPEngine`` (a random Qwen2 of that
+size, untied, saved to a temporary folder first) through ``named_full_weights()``,
+as trainer rank 0 sends them: the sender's per-tensor gathering is then inside the
+rlpost timing (the bare broadcast does not gather). ``--profile`` also
 prints where the sender's time goes (cProfile, one sync). Not included: gathering
-FSDP shards on the trainer (``named_full_weights``) and vLLM's own reload (it
-repacks CPU weights).
+FSDP shards on several trainer ranks (the all-gathers of ``named_full_weights``
+beyond one rank) and vLLM's own reload (it repacks CPU weights).
 """
 
 from __future__ import annotations
@@ -79,6 +85,49 @@ def qwen2_like_shapes(params_m: float) -> list[tuple[str, tuple[int, ...], torch
         if total >= params_m * 1e6 or hidden > 8192:
             return [(n, s, torch.float32) for n, s in shapes]
         hidden += 64
+
+
+class _FSDPSource:
+    """Weights from a one-rank FSDP2 ``FSDPEngine``: what trainer rank 0 sends."""
+
+    def __init__(self, params_m: float, folder: str):
+        import torch.distributed as dist
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        from rlpost.config.schema import ModelConfig
+        from rlpost.engines.fsdp import FSDPEngine
+
+        hidden = qwen2_like_shapes(params_m)[0][1][1]
+        heads = hidden // 64
+        config = Qwen2Config(vocab_size=32000, hidden_size=hidden, intermediate_size=3 * hidden,
+                             num_hidden_layers=max(2, hidden // 64), num_attention_heads=heads,
+                             num_key_value_heads=max(1, heads // 4), tie_word_embeddings=False)
+        Qwen2ForCausalLM(config).save_pretrained(folder)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_loopback_port()}", rank=0, world_size=1)
+        self.engine = FSDPEngine(folder, ModelConfig(path=folder), None, trainable=False)
+        self.shapes = self.engine.named_weight_shapes()
+
+    def weights(self):
+        return self.engine.named_full_weights()
+
+    @torch.no_grad()
+    def set_checkable(self, version: int) -> None:
+        for name, t in self.engine.model.state_dict().items():  # one rank: the local shard is the tensor
+            t.to_local().copy_(_weight(name, t.shape, version))
+
+
+class _PlainSource:
+    """Weights as a dict of plain tensors."""
+
+    def __init__(self, params_m: float):
+        self.shapes = qwen2_like_shapes(params_m)
+        self._weights = {name: torch.randn(shape, dtype=dtype) for name, shape, dtype in self.shapes}
+
+    def weights(self):
+        return iter(self._weights.items())
+
+    def set_checkable(self, version: int) -> None:
+        self._weights = {name: _weight(name, t.shape, version) for name, t in self._weights.items()}
 
 
 def _barrier(endpoint) -> None:
@@ -141,17 +190,17 @@ def _weight(name: str, shape, version: int) -> torch.Tensor:
     return torch.rand(shape, generator=g)
 
 
-def bench(params_m: float, receivers: int, bucket_mb: float, alone_mb: float, repeats: int, load: str,
+def bench(source, receivers: int, bucket_mb: float, alone_mb: float, repeats: int, load: str,
           depths: list[int], profile: bool) -> dict:
-    shapes = qwen2_like_shapes(params_m)
-    weights = {name: torch.randn(shape, dtype=dtype) for name, shape, dtype in shapes}
-    nbytes = sum(t.numel() * t.element_size() for t in weights.values())
+    shapes = source.shapes
+    nbytes = sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for _, s, d in shapes)
     flat = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
     plan = make_plan(shapes, bucket_mb, alone_mb)
     port, world, rounds = free_loopback_port(), receivers + 1, repeats + 1
     ctx = mp.get_context("spawn")
     ready = ctx.Queue()
-    procs = [ctx.Process(target=_receiver, args=(r, world, port, shapes, bucket_mb, alone_mb, rounds, load, depths, ready))
+    procs = [ctx.Process(target=_receiver,
+                         args=(r, world, port, shapes, bucket_mb, alone_mb, rounds, load, depths, ready))
              for r in range(1, world)]
     for p in procs:
         p.start()
@@ -165,7 +214,7 @@ def bench(params_m: float, receivers: int, bucket_mb: float, alone_mb: float, re
             version = 0
             for i in range(rounds):
                 if i == rounds - 1:  # the last round sends checkable weights
-                    weights = {name: _weight(name, t.shape, rounds) for name, t in weights.items()}
+                    source.set_checkable(rounds)
                 for what in _order(i, _cases(depths)):
                     _barrier(sender)
                     t0 = time.perf_counter()
@@ -179,11 +228,11 @@ def bench(params_m: float, receivers: int, bucket_mb: float, alone_mb: float, re
                             import pstats
 
                             with cProfile.Profile() as prof:
-                                sender.send(iter(weights.items()), plan, version)
+                                sender.send(source.weights(), plan, version)
                             print(what)
                             pstats.Stats(prof).sort_stats("tottime").print_stats(8)
                         else:
-                            sender.send(iter(weights.items()), plan, version)
+                            sender.send(source.weights(), plan, version)
                     _barrier(sender)  # every receiver has loaded everything
                     times[what].append(time.perf_counter() - t0)
             for _ in range(receivers):
@@ -215,22 +264,36 @@ def main() -> None:
     parser.add_argument("--load", choices=("land", "copy"), default="land")
     parser.add_argument("--depth", type=int, nargs="+", default=[8, 2],
                         help="rlpost's most broadcasts in flight per rank, one measured case each (shipped: 8)")
+    parser.add_argument("--sender", choices=("plain", "fsdp"), default="plain",
+                        help="plain tensors, or a one-rank FSDP2 FSDPEngine's named_full_weights()")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(f"load={args.load}")
+    print(f"load={args.load} sender={args.sender}")
     print("| params (M) | size (GB fp32) | receivers | bucket MB | alone MB | buckets | load 1m | bare s | bare GB/s | "
           "depth | rlpost s | rlpost GB/s | rlpost/bare |")
     print("|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for params_m in args.params_m:
+        if args.sender == "fsdp":
+            import tempfile
+
+            tmp = tempfile.TemporaryDirectory(prefix="bench_weight_sync_")
+            source = _FSDPSource(params_m, tmp.name)
+        else:
+            source = _PlainSource(params_m)
         for receivers in args.receivers:
             for bucket_mb, alone_mb in [(b, a) for b in args.bucket_mb for a in args.alone_mb]:
-                r = bench(params_m, receivers, bucket_mb, alone_mb, args.repeats, args.load, args.depth, args.profile)
+                r = bench(source, receivers, bucket_mb, alone_mb, args.repeats, args.load, args.depth, args.profile)
                 for what, sync_s in r["sync_s"].items():
                     print(f"| {r['params_m']:.1f} | {r['gb']:.3f} | {r['receivers']} | {r['bucket_mb']:g} | "
-                          f"{r['alone_mb']:g} | {r['buckets']} | {r['load'][0]:.1f}-{r['load'][1]:.1f} | {r['bare_s']:.3f} | "
-                          f"{r['gb'] / r['bare_s']:.2f} | {what.split('d')[-1]} | {sync_s:.3f} | {r['gb'] / sync_s:.2f} | "
-                          f"{r['ratio'][what]:.2f} |", flush=True)
+                          f"{r['alone_mb']:g} | {r['buckets']} | {r['load'][0]:.1f}-{r['load'][1]:.1f} | "
+                          f"{r['bare_s']:.3f} | {r['gb'] / r['bare_s']:.2f} | {what.split('d')[-1]} | {sync_s:.3f} | "
+                          f"{r['gb'] / sync_s:.2f} | {r['ratio'][what]:.2f} |", flush=True)
+        if args.sender == "fsdp":
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            tmp.cleanup()
 
 
 if __name__ == "__main__":
