@@ -103,9 +103,9 @@ _LOOPBACK = ("127.0.0.1", "localhost")
 # next one were free, but every gloo message waits for its receiver to post the
 # matching recv, and each post is a hop between threads (and processes) that costs
 # 0.1-1 ms on a busy 2-core host: longer than a 1-4 MiB tensor takes on the wire.
-# With eight posted ahead on both ends that latency overlaps the transfers (57M
-# params, one receiver: 0.67-0.75 of the bare broadcast at two, 0.90-0.95 at eight;
-# docs/performance.md). gloo gets as many worker threads, so every posted
+# With eight posted ahead on both ends that latency overlaps the transfers (the 75
+# tensors of a 57M model as raw broadcasts to one receiver: 0.67-0.75 of one flat
+# broadcast two deep, 0.90-0.95 eight deep; docs/performance.md). gloo gets as many worker threads, so every posted
 # broadcast is running and a timeout is reached by all of them at once.
 _DEPTH = 8
 # Staging buffers (for buckets that hold several small tensors) per endpoint: up to
@@ -179,12 +179,13 @@ def in_flight_full(count: int, nbytes: int, next_nbytes: int, window_nbytes: int
     return count >= depth or nbytes + next_nbytes > window_nbytes
 
 
-def staging_count(packed_nbytes: int, depth: int = _DEPTH) -> int:
-    """Staging buffers of ``packed_nbytes`` an endpoint keeps: as many as fit in
-    ``_STAGING_NBYTES``, at least two, at most ``depth`` (none if nothing is packed)."""
-    if packed_nbytes <= 0:
+def staging_count(nbytes: int | None, depth: int = _DEPTH) -> int:
+    """Staging buffers of ``nbytes`` (the largest bucket that needs one; None: no
+    bucket does) an endpoint keeps: as many as fit in ``_STAGING_NBYTES``, at least
+    two, at most ``depth``."""
+    if nbytes is None:
         return 0
-    return max(2, min(depth, _STAGING_NBYTES // packed_nbytes))
+    return max(2, min(depth, _STAGING_NBYTES // max(nbytes, 1)))
 
 
 def make_plan(specs: Iterable[tuple[str, Iterable[int], torch.dtype]], bucket_mb: float = 64,
@@ -337,8 +338,9 @@ class _Endpoint:
         except RuntimeError as e:
             raise self._failed(what, e) from e
 
-    def _staging_buffers(self, nbytes: int) -> list[torch.Tensor]:
-        """``staging_count(nbytes)`` reused byte buffers of at least ``nbytes`` on the wire device."""
+    def _staging_buffers(self, nbytes: int | None) -> list[torch.Tensor]:
+        """``staging_count(nbytes)`` reused byte buffers of at least ``nbytes`` on the
+        wire device (None: no bucket needs one)."""
         count = staging_count(nbytes, self._depth)
         if count and (len(self._staging) != count or self._staging[0].numel() < nbytes):
             self._staging = []  # drop the old ones before allocating the new
@@ -412,7 +414,7 @@ class WeightSender(_Endpoint):
                 pass
 
     def _send_buckets(self, plan: SyncPlan, it: Iterator[tuple[str, torch.Tensor]], what: str) -> None:
-        free = self._staging_buffers(plan.packed_nbytes)
+        free = self._staging_buffers(plan.packed_nbytes if any(not b.alone for b in plan.buckets) else None)
         in_flight: deque = deque()  # (work, staging buffer or None, tensor kept alive while on the wire)
         held = 0  # bytes of the broadcasts in flight
         for bucket in plan.buckets:
@@ -470,7 +472,7 @@ class WeightReceiver(_Endpoint):
             landing = [self._landing(b, targets) for b in plan.buckets]
             if targets is not None:
                 staged = [b.nbytes for b, t in zip(plan.buckets, landing) if t is None]
-                free = self._staging_buffers(max(staged, default=0))
+                free = self._staging_buffers(max(staged) if staged else None)
             posted: deque = deque()  # (bucket, bytes it arrives in, staging buffer or None, work)
             nxt, held = 0, 0  # next bucket to post; bytes of the posted ones
             while True:
@@ -485,7 +487,7 @@ class WeightReceiver(_Endpoint):
                     elif free:
                         buffer = free.pop()
                         data = buffer[:bucket.nbytes]
-                    else:  # every staging buffer holds a bucket the consumer has not had yet
+                    else:  # every staging buffer holds a posted bucket (so `posted` is not empty)
                         break
                     posted.append((bucket, data, buffer, self._start(what, data)))
                     held += bucket.nbytes

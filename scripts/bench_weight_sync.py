@@ -12,6 +12,9 @@ warm-up round:
   bytes, from a preallocated tensor into preallocated tensors: the wire's speed
   for those bytes between those processes (no packing, no per-tensor work, one
   collective).
+- **bare pipelined**: the same flat tensor as 16 MiB broadcasts, up to 8 in flight:
+  what the wire gives a pipelined sender of large contiguous chunks (shown for
+  reference; the target compares with **bare**).
 - **rlpost dN** (one per ``--depth`` N; the shipped pipeline depth is 8, 2 was the
   depth before it): one ``WeightSender.send`` of a Qwen2-shaped set of tensors to
   ``--receivers`` ``WeightReceiver`` processes, each loading the stream into its
@@ -141,6 +144,17 @@ def _bare(endpoint, flat: torch.Tensor) -> None:
     endpoint._require().pg.broadcast(flat, 0).wait()
 
 
+def _bare_pipelined(endpoint, flat: torch.Tensor) -> None:
+    """The wire pipelined: the same flat bytes as 16 MiB broadcasts, up to 8 in flight."""
+    pg, works = endpoint._require().pg, []
+    for chunk in flat.split(16 * 2**20):
+        if len(works) == 8:
+            works.pop(0).wait()
+        works.append(pg.broadcast(chunk, 0))
+    for work in works:
+        work.wait()
+
+
 def _order(i: int, cases: list[str]) -> list[str]:
     """Round i's order: rotated by one each round, so drift hits every case alike."""
     k = i % len(cases)
@@ -148,7 +162,7 @@ def _order(i: int, cases: list[str]) -> list[str]:
 
 
 def _cases(depths: list[int]) -> list[str]:
-    return ["bare"] + [f"rlpost d{d}" for d in depths]
+    return ["bare", "bare pipelined"] + [f"rlpost d{d}" for d in depths]
 
 
 def _set_depth(endpoint, what: str) -> None:
@@ -169,6 +183,8 @@ def _receiver(rank: int, world: int, port: int, shapes, bucket_mb: float, alone_
                 _barrier(receiver)
                 if what == "bare":
                     _bare(receiver, flat)
+                elif what == "bare pipelined":
+                    _bare_pipelined(receiver, flat)
                 else:
                     version += 1
                     _set_depth(receiver, what)
@@ -220,6 +236,8 @@ def bench(source, receivers: int, bucket_mb: float, alone_mb: float, repeats: in
                     t0 = time.perf_counter()
                     if what == "bare":
                         _bare(sender, flat)
+                    elif what == "bare pipelined":
+                        _bare_pipelined(sender, flat)
                     else:
                         version += 1
                         _set_depth(sender, what)
@@ -245,10 +263,12 @@ def bench(source, receivers: int, bucket_mb: float, alone_mb: float, repeats: in
     if not all(ok for _, _, ok in checks):
         raise SystemExit(f"receivers did not end with the sent weights: {checks}")
     bare = times["bare"][1:]  # round 0 is the warm-up
-    ours = {what: t[1:] for what, t in times.items() if what != "bare"}
+    ours = {what: t[1:] for what, t in times.items() if what.startswith("rlpost")}
+    piped = times["bare pipelined"][1:]
     return {"params_m": sum(torch.Size(s).numel() for _, s, _ in shapes) / 1e6, "gb": nbytes / 1e9,
             "receivers": receivers, "bucket_mb": bucket_mb, "alone_mb": alone_mb, "buckets": len(plan.buckets),
             "bare_s": statistics.median(bare), "load": (load_before, os.getloadavg()[0]),
+            "piped_s": statistics.median(piped), "piped_ratio": statistics.median([b / p for b, p in zip(bare, piped)]),
             "sync_s": {what: statistics.median(t) for what, t in ours.items()},
             "ratio": {what: statistics.median([b / o for b, o in zip(bare, t)]) for what, t in ours.items()}}
 
@@ -271,8 +291,8 @@ def main() -> None:
     torch.set_num_threads(1)
     print(f"load={args.load} sender={args.sender}")
     print("| params (M) | size (GB fp32) | receivers | bucket MB | alone MB | buckets | load 1m | bare s | bare GB/s | "
-          "depth | rlpost s | rlpost GB/s | rlpost/bare |")
-    print("|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+          "pipelined bare GB/s | pipelined/bare | depth | rlpost s | rlpost GB/s | rlpost/bare |")
+    print("|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for params_m in args.params_m:
         if args.sender == "fsdp":
             import tempfile
@@ -287,7 +307,8 @@ def main() -> None:
                 for what, sync_s in r["sync_s"].items():
                     print(f"| {r['params_m']:.1f} | {r['gb']:.3f} | {r['receivers']} | {r['bucket_mb']:g} | "
                           f"{r['alone_mb']:g} | {r['buckets']} | {r['load'][0]:.1f}-{r['load'][1]:.1f} | "
-                          f"{r['bare_s']:.3f} | {r['gb'] / r['bare_s']:.2f} | {what.split('d')[-1]} | {sync_s:.3f} | "
+                          f"{r['bare_s']:.3f} | {r['gb'] / r['bare_s']:.2f} | {r['gb'] / r['piped_s']:.2f} | "
+                          f"{r['piped_ratio']:.2f} | {what.split('d')[-1]} | {sync_s:.3f} | "
                           f"{r['gb'] / sync_s:.2f} | {r['ratio'][what]:.2f} |", flush=True)
         if args.sender == "fsdp":
             import torch.distributed as dist

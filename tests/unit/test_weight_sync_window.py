@@ -29,7 +29,8 @@ def test_depth_two_is_the_old_two_deep_pipeline():
 
 
 @pytest.mark.parametrize("packed, count", [
-    (0, 0),  # nothing packed: no staging at all
+    (None, 0),  # no bucket needs staging: none at all
+    (0, 8),  # buckets of empty tensors still need a buffer to be posted with
     (1 * MiB, 8),  # 16 fit in 16 MiB; capped at the depth
     (4 * MiB, 4),
     (9 * MiB, 2),  # one fits; never fewer than two
