@@ -428,3 +428,42 @@ def test_deep_pipeline_with_scarce_staging_delivers_identical_tensors():
         # Rank 1: the 8 one-tensor buckets land in the model; the 12 packed ones are copied.
         assert by[("receiver1", version)] == "8 in place; 20 tensors; wrong []"
         assert by[("receiver2", version)] == "0 in place; 20 tensors; wrong []"
+
+
+def test_empty_tensors_that_cannot_land_still_arrive():
+    """A zero-element tensor alone in its bucket whose target has another dtype needs a
+    (zero-byte) staging buffer; the stream must still deliver it and everything after."""
+    import threading
+
+    specs = [("empty", (0,), torch.float32), ("w", (300, 1024), torch.float32)]
+    plan = make_plan(specs, bucket_mb=1, alone_mb=1.0)
+    assert [[s.name for s in b.slots] for b in plan.buckets] == [["empty"], ["w"]]
+    sent = {"empty": torch.zeros(0), "w": torch.randn(300, 1024, generator=torch.Generator().manual_seed(3))}
+    model = {"empty": torch.zeros(0, dtype=torch.float64), "w": torch.zeros(300, 1024)}
+    port, got = _free_port(), {}
+
+    def receiver():
+        with WeightReceiver(HOST, port, 1, 2, timeout_s=TIMEOUT_S) as r:
+            got["names"] = [name for name, _ in _Logged(r.receive(plan, 1), model)]
+
+    thread = threading.Thread(target=receiver)
+    thread.start()
+    with WeightSender(HOST, port, 2, timeout_s=TIMEOUT_S) as sender:
+        sender.send(iter(sent.items()), plan, 1)
+    thread.join(TIMEOUT_S)
+    assert got["names"] == ["empty", "w"]
+    assert model["empty"].shape == (0,) and torch.equal(model["w"], sent["w"])
+
+
+class _Logged:
+    """Loads a stream into ``model`` (``load_stream``) and yields what it loaded."""
+
+    def __init__(self, stream, model):
+        self.stream, self.model = stream, model
+
+    def __iter__(self):
+        self.stream.load_into(self.model)
+        for name, tensor in self.stream:
+            if tensor.data_ptr() != self.model[name].data_ptr():
+                self.model[name].copy_(tensor)
+            yield name, tensor
