@@ -103,9 +103,10 @@ _LOOPBACK = ("127.0.0.1", "localhost")
 # next one were free, but every gloo message waits for its receiver to post the
 # matching recv, and each post is a hop between threads (and processes) that costs
 # 0.1-1 ms on a busy 2-core host: longer than a 1-4 MiB tensor takes on the wire.
-# With eight posted ahead on both ends that latency overlaps the transfers (the 75
-# tensors of a 57M model as raw broadcasts to one receiver: 0.67-0.75 of one flat
-# broadcast two deep, 0.90-0.95 eight deep; docs/performance.md). gloo gets as many worker threads, so every posted
+# With eight posted ahead on both ends that latency overlaps the transfers (a 57M
+# model to one receiver, loaded machine, same invocations: a whole sync at 0.99 of
+# one flat broadcast eight deep against 0.83 two deep, medians of five runs;
+# docs/performance.md). gloo gets as many worker threads, so every posted
 # broadcast is running and a timeout is reached by all of them at once.
 _DEPTH = 8
 # Staging buffers (for buckets that hold several small tensors) per endpoint: up to
