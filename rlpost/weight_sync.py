@@ -104,8 +104,8 @@ _LOOPBACK = ("127.0.0.1", "localhost")
 # matching recv, and each post is a hop between threads (and processes) that costs
 # 0.1-1 ms on a busy 2-core host: longer than a 1-4 MiB tensor takes on the wire.
 # With eight posted ahead on both ends that latency overlaps the transfers (a 57M
-# model to one receiver, loaded machine, same invocations: a whole sync at 0.99 of
-# one flat broadcast eight deep against 0.83 two deep, medians of five runs;
+# model to one receiver, load average 5-9, same invocations: a whole sync at 0.99
+# of one flat broadcast eight deep against 0.79 two deep, medians of three runs;
 # docs/performance.md). gloo gets as many worker threads, so every posted
 # broadcast is running and a timeout is reached by all of them at once.
 _DEPTH = 8
