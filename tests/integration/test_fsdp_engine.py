@@ -152,6 +152,23 @@ def _full_weights(engine) -> dict[str, torch.Tensor]:
     return {name: t.clone() for name, t in engine.named_full_weights()}
 
 
+def _full_vs_full_tensor(engine) -> tuple[bool, bool]:
+    """Whether ``_full`` (what ``named_full_weights`` gathers with) equals DTensor's
+    ``full_tensor()`` bit for bit on every parameter, and whether it returned the
+    local shard's own storage for all of them (collective: every rank calls it)."""
+    from torch.distributed.tensor import DTensor
+
+    from rlpost.engines.fsdp import _full
+
+    equal = shared = True
+    for t in engine.model.state_dict().values():
+        if isinstance(t, DTensor):
+            full, reference = _full(t), t.full_tensor()
+            equal &= full.shape == reference.shape and torch.equal(full, reference)
+            shared &= full.data_ptr() == t.to_local().data_ptr()
+    return equal, shared
+
+
 def _full_optimizer_state(engine) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
@@ -173,6 +190,7 @@ def _worker_train(rank, world, model_dir, out_dir, name, checkpointing, load_fro
     dist.all_gather(parts, out.logprobs)
     res["logprobs"] = torch.cat(parts)
     res["weights0"] = _full_weights(engine)
+    res["full"] = _full_vs_full_tensor(engine)
     step1, train_logprobs = engine.train_step(shard, token_mean_loss, MICRO, return_logprobs=True)
     res["step1"] = _sum_over_ranks(step1)
     parts = [torch.empty_like(train_logprobs) for _ in range(world)]
@@ -317,6 +335,15 @@ def test_two_ranks_match_one_rank_and_plain_torch(runs, reference):
     _assert_weights_close(w2["weights2"], w1["weights2"], atol=ADAM_ATOL)
     for name in LAYERS:  # the steps moved the weights
         assert not torch.equal(w1["weights0"][name], w1["weights2"][name])
+
+
+def test_one_rank_takes_the_local_shard_and_two_ranks_gather(runs):
+    # One rank: the shard itself, zero-copy (the storage full_tensor() hands back too;
+    # _full only skips its redistribute dispatch, a speed matter measured in
+    # scripts/bench_weight_sync.py --sender fsdp).
+    assert runs["w1"]["full"] == (True, True)
+    # Two ranks: a gathered copy, equal to full_tensor().
+    assert runs["w2"]["full"] == (True, False)
 
 
 def test_named_full_weights_follow_hf_state_dict(runs, model_dir):

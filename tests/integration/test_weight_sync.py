@@ -360,3 +360,110 @@ def test_hf_engine_loads_a_stream_in_place(tmp_path):
     assert by["sender"] == (1, f"ok {alone} alone"), by
     # Every one-tensor bucket lands in the engine's parameters; the packed rest is copied.
     assert by["receiver1"] == (1, f"{alone} in place; wrong []; moved []"), by
+
+
+# A deep window: one 20 MiB tensor sets the window to 40 MiB (twice the largest
+# bucket); twelve 3 MiB tensors below alone_mb pack three to a 9 MiB bucket, so
+# each endpoint keeps staging_count(9 MiB) = 2 staging buffers and a third packed
+# bucket must wait for one to come back; seven 4 MiB tensors at alone_mb travel
+# alone, up to eight of them in flight. bf16 and int64 among them.
+DEEP_SPECS = ([("big", (1280, 4096), torch.float32)]
+              + [(f"packed.{i}", (768, 1024), torch.float32) for i in range(12)]
+              + [(f"alone.{i}", (1024, 1024), torch.float32) for i in range(5)]
+              + [("alone.bf16", (1024, 2048), torch.bfloat16), ("alone.int", (512, 1024), torch.int64)])
+DEEP_BUCKET_MB, DEEP_ALONE_MB = 9, 4
+
+
+def _deep_weights(version: int) -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(2000 + version)
+    return [(name, torch.randn(shape, generator=g).to(dtype) if dtype.is_floating_point
+             else torch.randint(-(2**40), 2**40, shape, generator=g, dtype=dtype)) for name, shape, dtype in DEEP_SPECS]
+
+
+def _deep_sender(port, world, versions, results):
+    torch.set_num_threads(1)
+    plan = make_plan(DEEP_SPECS, DEEP_BUCKET_MB, DEEP_ALONE_MB)
+    try:
+        with WeightSender(HOST, port, world, timeout_s=TIMEOUT_S) as sender:
+            for version in versions:
+                sender.send(iter(_deep_weights(version)), plan, version)
+                results.put(("sender", version, "ok"))
+    except BaseException:
+        results.put(("sender", None, traceback.format_exc()))
+
+
+def _deep_receiver(port, rank, world, versions, results):
+    """Rank 1 loads in place (``load_into``); rank 2 keeps the fresh tensors it is given."""
+    torch.set_num_threads(1)
+    plan = make_plan(DEEP_SPECS, DEEP_BUCKET_MB, DEEP_ALONE_MB)
+    model = {name: torch.zeros(shape, dtype=dtype) for name, shape, dtype in DEEP_SPECS}
+    try:
+        with WeightReceiver(HOST, port, rank, world, timeout_s=TIMEOUT_S) as receiver:
+            for version in versions:
+                stream = receiver.receive(plan, version)
+                if rank == 1:
+                    in_place = len(load_stream(stream, model))
+                    got = model
+                else:
+                    in_place, got = 0, dict(stream)
+                expected = _deep_weights(version)
+                wrong = [n for n, e in expected if not (got[n].dtype == e.dtype and torch.equal(got[n], e))]
+                results.put((f"receiver{rank}", version, f"{in_place} in place; {len(got)} tensors; wrong {wrong}"))
+    except BaseException:
+        results.put((f"receiver{rank}", None, traceback.format_exc()))
+
+
+def test_deep_pipeline_with_scarce_staging_delivers_identical_tensors():
+    plan = make_plan(DEEP_SPECS, DEEP_BUCKET_MB, DEEP_ALONE_MB)
+    # By hand: big | 4 buckets of 3 x 3 MiB | 7 alone = 12 buckets; the window is 40 MiB.
+    assert [len(b.slots) for b in plan.buckets] == [1, 3, 3, 3, 3] + [1] * 7
+    assert plan.window_nbytes == 40 * 2**20 and plan.packed_nbytes == 9 * 2**20
+    port, world = _free_port(), 3
+    results = _run([(_deep_sender, (port, world, [1, 2])), (_deep_receiver, (port, 1, world, [1, 2])),
+                    (_deep_receiver, (port, 2, world, [1, 2]))], expected_messages=6, timeout_s=120)
+    by = {(who, version): msg for who, version, msg in results}
+    assert all(v is not None for _, v in by), results
+    for version in (1, 2):
+        assert by[("sender", version)] == "ok"
+        # Rank 1: the 8 one-tensor buckets land in the model; the 12 packed ones are copied.
+        assert by[("receiver1", version)] == "8 in place; 20 tensors; wrong []"
+        assert by[("receiver2", version)] == "0 in place; 20 tensors; wrong []"
+
+
+def test_empty_tensors_that_cannot_land_still_arrive():
+    """A zero-element tensor alone in its bucket whose target has another dtype needs a
+    (zero-byte) staging buffer; the stream must still deliver it and everything after."""
+    import threading
+
+    specs = [("empty", (0,), torch.float32), ("w", (300, 1024), torch.float32)]
+    plan = make_plan(specs, bucket_mb=1, alone_mb=1.0)
+    assert [[s.name for s in b.slots] for b in plan.buckets] == [["empty"], ["w"]]
+    sent = {"empty": torch.zeros(0), "w": torch.randn(300, 1024, generator=torch.Generator().manual_seed(3))}
+    model = {"empty": torch.zeros(0, dtype=torch.float64), "w": torch.zeros(300, 1024)}
+    port, got = _free_port(), {}
+
+    def receiver():
+        with WeightReceiver(HOST, port, 1, 2, timeout_s=TIMEOUT_S) as r:
+            got["names"] = [name for name, _ in _Logged(r.receive(plan, 1), model)]
+
+    thread = threading.Thread(target=receiver)
+    thread.start()
+    with WeightSender(HOST, port, 2, timeout_s=TIMEOUT_S) as sender:
+        sender.send(iter(sent.items()), plan, 1)
+    thread.join(TIMEOUT_S)
+    assert got["names"] == ["empty", "w"]
+    assert model["empty"].shape == (0,) and torch.equal(model["w"], sent["w"])
+
+
+class _Logged:
+    """Loads a stream into ``model`` (``load_stream``) and yields what it loaded."""
+
+    def __init__(self, stream, model):
+        self.stream, self.model = stream, model
+
+    def __iter__(self):
+        self.stream.load_into(self.model)
+        for name, tensor in self.stream:
+            if tensor.data_ptr() != self.model[name].data_ptr():
+                self.model[name].copy_(tensor)
+            yield name, tensor
