@@ -38,7 +38,7 @@ class ControllerState:
     data: dict  # PromptStream.state_dict()
     kl_controller: dict  # KL coefficient controller state (adaptive KL in the reward)
     # trainer.mode=one_step_off|async: producer position and buffered batches
-    # (rlpost.overlap.OverlappedRun.save); {} for sync runs and older checkpoints.
+    # (rlpost.rollout.overlap.OverlappedRun.save); {} for sync runs and older checkpoints.
     overlap: dict = field(default_factory=dict)
     # Run guards that span steps: consecutive skipped updates (policy, critic) and
     # whether the length-cap warning was given; {} in older checkpoints.

@@ -44,7 +44,7 @@ class WorkerError(RlpostError):
 
 class TrainerLost(WorkerError):
     """A trainer rank died (or stopped answering), so the whole trainer group is
-    unusable. ``rlpost.supervisor`` catches it and rebuilds the group from the latest
+    unusable. ``rlpost.step.supervisor`` catches it and rebuilds the group from the latest
     checkpoint, up to ``trainer.max_restarts`` times."""
 
 

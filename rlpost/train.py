@@ -39,13 +39,13 @@ def run(cfg: RunConfig) -> dict:
 
     from rlpost.algorithms import make_algorithm
     from rlpost.checkpoint import CheckpointManager, read_state, resolve_resume
-    from rlpost.controller import Controller
+    from rlpost.step.controller import Controller
     from rlpost.data.dataset import load_prompts
     from rlpost.data.stream import PromptStream
     from rlpost.faults import FaultCounts
     from rlpost.engines import resolve_rollout_engine
     from rlpost.models.loading import load_tokenizer, resolve_model_path
-    from rlpost.supervisor import TrainerParts, TrainerSupervisor
+    from rlpost.step.supervisor import TrainerParts, TrainerSupervisor
     from rlpost.tracking import Tracker
     from rlpost.workers.cluster import cluster_terminator, start_cluster, stop_cluster
     from rlpost.workers.placement import resolve_placement
@@ -122,7 +122,7 @@ def run(cfg: RunConfig) -> dict:
         groups.append(rewards)
         envs = None
         if cfg.env.enabled(cfg.rollout):  # multi-turn episodes: environments in their own actors
-            from rlpost.multiturn import env_factory
+            from rlpost.rollout.multiturn import env_factory
             from rlpost.workers.env_pool import EnvPool
 
             envs = EnvPool(cfg.env, *env_factory(cfg), faults)
@@ -132,7 +132,7 @@ def run(cfg: RunConfig) -> dict:
         step_perf = functools.cache(lambda: _step_perf(cfg, n_params.result(), *peak))
 
         # The trainer group, its weight-sync link and PPO's critic are built (and, after
-        # a trainer or critic rank dies, rebuilt) by the supervisor; see rlpost.supervisor.
+        # a trainer or critic rank dies, rebuilt) by the supervisor; see rlpost.step.supervisor.
         def build_trainer() -> TrainerParts:
             trainer = TrainerGroup(cfg, model_path, with_reference=use_reference, placement=placement)
             critic = None

@@ -61,7 +61,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from rlpost.weight_sync import WeightReceiver, WeightSender, make_plan  # noqa: E402
+from rlpost.sync.transport import WeightReceiver, WeightSender, make_plan  # noqa: E402
 
 
 def free_loopback_port() -> int:

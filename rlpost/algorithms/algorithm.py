@@ -144,7 +144,7 @@ class PPO(Algorithm):
     """PPO with a critic (Schulman et al. 2017) as LLM RLHF runs it: the outcome score
     on the last completion token, the KL penalty (``kl_in_reward``) on every token,
     GAE (Schulman et al. 2016) over the critic's values, advantages whitened over the
-    step. The critic itself (forward, update) is ``rlpost.critic``."""
+    step. The critic itself (forward, update) is ``rlpost.step.critic``."""
 
     needs_critic = True
     single_turn_only = "PPO's per-token values (GAE)"

@@ -145,7 +145,7 @@ class RolloutConfig:
     # GPU only: replica i shares GPU i with trainer rank i (vLLM sleeps while the
     # trainer computes; weights pass by CUDA IPC). rlpost.engines.colocate.
     colocate: bool = False
-    # Multi-turn episodes (rlpost.multiturn): model turns per episode, and a cap on all
+    # Multi-turn episodes (rlpost.rollout.multiturn): model turns per episode, and a cap on all
     # tokens after the prompt (model + environment tokens); 0 = no cap beyond the turns.
     max_turns: int = 1
     max_total_tokens: int = 0
@@ -208,7 +208,7 @@ class TrainerConfig:
     offload_params: bool = False  # deepspeed only (zero_stage 3): parameters in CPU memory
     # sync: sample, then train, then sync weights. one_step_off: step t+1's rollouts are
     # sampled with step t's starting weights while step t trains. async: replicas sample
-    # continuously into a buffer (rlpost.overlap).
+    # continuously into a buffer (rlpost.rollout.overlap).
     mode: str = "sync"
     max_staleness: int = 1  # async: batches sampled more than this many versions ago are dropped
     async_buffer: int = 0  # async: batches sampled ahead of the trainer; 0 = max_staleness (none dropped)
@@ -375,7 +375,7 @@ class EnvConfig:
         _require(self.max_retries >= 0, "env.max_retries", "must be >= 0")
 
     def enabled(self, rollout: "RolloutConfig") -> bool:
-        """Whether episodes run through environments (rlpost.multiturn)."""
+        """Whether episodes run through environments (rlpost.rollout.multiturn)."""
         return self.fn is not None or rollout.max_turns > 1
 
 

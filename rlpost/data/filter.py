@@ -4,7 +4,7 @@ prompts whose pass rate lies in a band (``filter.keep``, e.g. 0.1:0.9).
 Why: a GRPO group whose k samples all pass, or all fail, has zero advantage and
 teaches nothing; filtering to prompts the model sometimes solves spends every step
 on signal. The pass rate is measured on the *raw* correctness score
-(``rlpost.evaluation.score_of``: the ``accuracy`` component when the reward reports
+(``rlpost.rollout.evaluation.score_of``: the ``accuracy`` component when the reward reports
 one, else the total, > 0 counts as a pass), never on a shaped reward.
 
 The pipeline (``run_filter``):
@@ -144,7 +144,7 @@ def score_rows(rows: list[dict], reward: RewardConfig) -> list[dict]:
     ``pass_rate`` (share of scored samples with ``score_of`` > 0; None when no sample
     could be scored), ``mean_reward``, ``mean_length`` (completion tokens) and
     ``num_scored``; drops the completion texts."""
-    from rlpost.evaluation import score_of
+    from rlpost.rollout.evaluation import score_of
     from rlpost.rewards import load_reward_fn, score_batch
 
     fn = load_reward_fn(reward.fn, kwargs=reward.kwargs)

@@ -1,7 +1,7 @@
 """Colocated placement on GPUs: trainer rank i and rollout replica i share GPU i.
 
 GPU-only; nothing here runs on CPU, and its tests are marked ``gpu``. What it adds to
-the disaggregated path (``rlpost.weight_sync``, the default and the only one on CPU):
+the disaggregated path (``rlpost.sync.transport``, the default and the only one on CPU):
 
 - **Memory phases.** vLLM runs with ``enable_sleep_mode``: before the trainer computes,
   the replica sleeps (level 1: weights offloaded to host memory, KV cache freed); for

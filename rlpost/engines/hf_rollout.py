@@ -183,7 +183,7 @@ class HFRolloutEngine:
 
         Names are those of ``model.state_dict()``; with tied embeddings either name
         of the tied pair may be sent (or both). Every parameter must be covered.
-        A ``rlpost.weight_sync`` stream is handed the model's own tensors first
+        A ``rlpost.sync.transport`` stream is handed the model's own tensors first
         (``load_into``), so tensors that travel alone are received straight into
         the parameters and nothing is left to copy; any other tensor is copied in
         one pass (dtype and device conversion included). The iterator is always

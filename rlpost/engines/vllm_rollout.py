@@ -185,12 +185,12 @@ class VLLMRolloutEngine:
         HF ``state_dict``); with tied embeddings either name of the tied pair may be
         sent (or both; the first one received is used). Every weight must be
         covered. Tensors are streamed into vLLM's loader one at a time. A
-        ``rlpost.weight_sync`` stream is deliberately not given ``load_into``: the
+        ``rlpost.sync.transport`` stream is deliberately not given ``load_into``: the
         loader keeps a layer's tensors until the layer is complete and then repacks
         them (CPU kernels), so they must not be views into the stream's reused
         buffers, and vLLM's kernel tensors are not the checkpoint's to receive into.
         The iterator is always consumed to the end, even on error, so a streaming sender
-        (``rlpost.weight_sync``) is never left waiting; the error is raised
+        (``rlpost.sync.transport``) is never left waiting; the error is raised
         afterwards and the engine refuses to generate until a good update arrives.
         """
         check = _WeightStream(weights, self._checkpoint, self._tied)

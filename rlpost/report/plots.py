@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from rlpost.report.data import ReportError, RunData, Series
 
-# Step stages of rlpost.controller, bottom to top in the stacked time plot.
+# Step stages of rlpost.step.controller, bottom to top in the stacked time plot.
 STAGES = ("rollout", "reward", "old_logprobs", "ref_logprobs", "train", "weight_sync", "eval")
 
 

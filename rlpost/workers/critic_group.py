@@ -10,7 +10,7 @@ copy of the base model's memory, which colocation would have cost too).
 Contract of every ``CriticGroup`` method: collective (called on all ranks), blocks
 until all ranks answer, raises ``TrainerLost`` if a rank dies. ``forward_values``
 and ``train_step`` shard rows over ranks like ``TrainerGroup``. The supervisor
-builds and rebuilds it together with the trainer group (``rlpost.supervisor``): a
+builds and rebuilds it together with the trainer group (``rlpost.step.supervisor``): a
 lost critic rank costs the same as a lost policy rank, a rebuild from the latest
 checkpoint, which holds both.
 """
@@ -52,7 +52,7 @@ class CriticActor:
         return host, free_port(host)
 
     def setup(self, cfg: RunConfig, model_path: str, master: tuple[str, int]) -> None:
-        from rlpost.critic import critic_trainer_config
+        from rlpost.step.critic import critic_trainer_config
         from rlpost.distributed import init_default_group
         from rlpost.engines import make_train_engine
 

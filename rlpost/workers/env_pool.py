@@ -12,7 +12,7 @@ Failure contract (what ``reset``/``step`` return instead of raising):
   held; Ray restarts it (``max_restarts=-1``) for the retries;
 * an actor does not answer within ``timeout_s`` + a grace period (an environment
   blocked its event loop) -> its episodes fail and the actor is killed and restarted.
-The caller (``rlpost.multiturn``) retries or drops failed episodes.
+The caller (``rlpost.rollout.multiturn``) retries or drops failed episodes.
 """
 
 from __future__ import annotations

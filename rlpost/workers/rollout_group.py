@@ -77,7 +77,7 @@ class RolloutActor:
         return self.engine.policy_version
 
     def weight_sync_connect(self, host: str, port: int, world_size: int, timeout_s: float) -> None:
-        from rlpost.weight_sync import WeightReceiver
+        from rlpost.sync.transport import WeightReceiver
 
         if self.receiver is not None:  # a rebuilt group: the old one is unusable
             self.receiver.close()

@@ -4,7 +4,7 @@ KL term needs it, of the frozen reference model.
 
 Contract of every ``TrainerGroup`` method: it is collective (called on all ranks),
 blocks until all ranks answer, and raises ``TrainerLost`` if a rank dies (the
-whole group is then unusable: ``rlpost.supervisor`` rebuilds it from the latest
+whole group is then unusable: ``rlpost.step.supervisor`` rebuilds it from the latest
 checkpoint).
 """
 
@@ -87,7 +87,7 @@ class TrainerActor:
     def weight_sync_connect(self) -> None:
         """Rank 0 joins the sync group (blocks until every replica has joined too)."""
         if self.rank == 0:
-            from rlpost.weight_sync import WeightSender
+            from rlpost.sync.transport import WeightSender
 
             self.sender = WeightSender(*self._sender_args, device=self._device)
 
@@ -213,7 +213,7 @@ class TrainerGroup:
             return merge_rank_metrics(per_rank)
         return merge_rank_metrics([m for m, _ in per_rank]), torch.cat([lp for _, lp in per_rank], dim=0)
 
-    # --- weight sync (see rlpost.weight_sync for the contract) ---
+    # --- weight sync (see rlpost.sync.transport for the contract) ---
     def weight_sync_init(self, world_size: int) -> tuple[str, int]:
         ws = self.cfg.weight_sync
         return self._wait(self.actors[0].weight_sync_init.remote(world_size, ws.timeout_s, ws.bucket_mb),

@@ -1,5 +1,5 @@
 """Driver-side handle of the weight-sync group: trainer rank 0 -> every rollout
-replica over a dedicated collective (see ``rlpost.weight_sync`` for the wire
+replica over a dedicated collective (see ``rlpost.sync.transport`` for the wire
 contract).
 
 ``push(version)`` is the only thing the controller calls. It returns when every

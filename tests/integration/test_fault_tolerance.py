@@ -209,7 +209,7 @@ def _receiver_that_dies(port: int, world: int, rank: int, dies: bool, results) -
     import torch
 
     from rlpost.errors import WorkerError
-    from rlpost.weight_sync import WeightReceiver, make_plan
+    from rlpost.sync.transport import WeightReceiver, make_plan
 
     torch.set_num_threads(1)
     receiver = WeightReceiver("127.0.0.1", port, rank, world, timeout_s=SYNC_TIMEOUT_S)
@@ -227,7 +227,7 @@ def test_weight_sync_with_a_dead_receiver_fails_loudly_instead_of_hanging():
     import torch.multiprocessing as mp
 
     from rlpost.errors import WorkerError
-    from rlpost.weight_sync import WeightSender
+    from rlpost.sync.transport import WeightSender
     from rlpost.workers.cluster import free_port
 
     port, world = free_port(), 3

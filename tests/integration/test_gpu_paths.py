@@ -36,7 +36,7 @@ def _weights(device: str) -> list[tuple[str, torch.Tensor]]:
 
 
 def _run(rank: int, port: int, devices: list[str], results) -> None:
-    from rlpost.weight_sync import WeightReceiver, WeightSender, make_plan
+    from rlpost.sync.transport import WeightReceiver, WeightSender, make_plan
 
     try:
         device = devices[rank]

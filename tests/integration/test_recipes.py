@@ -10,8 +10,8 @@ import pytest
 from rlpost.checkpoint import CheckpointManager
 from rlpost.config.load import group_options, load_config
 from rlpost.config.schema import JsonlLogConfig, LoggerConfig
-from rlpost.controller import Controller
-from rlpost.critic import critic_trainer_config
+from rlpost.step.controller import Controller
+from rlpost.step.critic import critic_trainer_config
 from rlpost.data.dataset import load_prompts
 from rlpost.data.stream import PromptStream
 from rlpost.engines.fsdp import FSDPEngine

@@ -15,7 +15,7 @@ import pytest
 from rlpost.checkpoint import CheckpointManager
 from rlpost.config.load import load_config
 from rlpost.config.schema import JsonlLogConfig, LoggerConfig
-from rlpost.controller import Controller
+from rlpost.step.controller import Controller
 from rlpost.data.dataset import load_prompts
 from rlpost.data.stream import PromptStream
 from rlpost.distributed import destroy_default_group, init_default_group

@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from rlpost.errors import WorkerError
-from rlpost.weight_sync import WeightReceiver, WeightSender, make_plan
+from rlpost.sync.transport import WeightReceiver, WeightSender, make_plan
 
 HOST = "127.0.0.1"
 TIMEOUT_S = 20.0

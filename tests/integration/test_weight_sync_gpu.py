@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from rlpost.weight_sync import WeightReceiver, WeightSender, make_plan
+from rlpost.sync.transport import WeightReceiver, WeightSender, make_plan
 from test_weight_sync import load_stream  # the same loading as the CPU tests
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from rlpost.collect import Collector
+from rlpost.rollout.collect import Collector
 from rlpost.config.load import load_config
 from rlpost.data.stream import PromptStream
 from rlpost.engines.fake import FakeRolloutEngine

@@ -21,7 +21,7 @@ from rlpost.checkpoint import CheckpointManager, ControllerState, read_state
 from rlpost.config.convert import to_dict
 from rlpost.config.load import load_config
 from rlpost.config.schema import RunConfig
-from rlpost.controller import Controller
+from rlpost.step.controller import Controller
 from rlpost.data.stream import PromptStream
 from rlpost.engines.fake import FakeRolloutEngine, FakeTrainEngine
 from rlpost.errors import TrainingError, WorkerError

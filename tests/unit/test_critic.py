@@ -1,4 +1,4 @@
-"""PPO's critic stages (rlpost.critic) with the shipped fakes: GAE on a hand-computed
+"""PPO's critic stages (rlpost.step.critic) with the shipped fakes: GAE on a hand-computed
 2-row example, the KL penalty on every token, whitening, critic warm-up leaving the
 policy untouched, and the critic in checkpoints. No Ray, no model."""
 
@@ -12,8 +12,8 @@ import torch
 from rlpost.checkpoint import CheckpointManager, read_state
 from rlpost.config.convert import to_dict
 from rlpost.config.load import load_config
-from rlpost.controller import Controller
-from rlpost.critic import CriticStages
+from rlpost.step.controller import Controller
+from rlpost.step.critic import CriticStages
 from rlpost.data.stream import PromptStream
 from rlpost.engines.fake import FakeRolloutEngine, FakeTrainEngine, FakeValueEngine
 from rlpost.errors import ConfigError

@@ -12,7 +12,7 @@ from rlpost.engines.fake import FakeRolloutEngine
 from rlpost.envs import EnvFailure, LocalEnvPool, ParseError, StepResult, Task, ToolCall, parse_tool_calls, run_tool_calls
 from rlpost.envs.chat import ChatRenderer
 from rlpost.local import LocalRolloutGroup
-from rlpost.multiturn import EpisodeCollector
+from rlpost.rollout.multiturn import EpisodeCollector
 from rlpost.types import PromptSample, SamplingParams
 
 

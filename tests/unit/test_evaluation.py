@@ -13,9 +13,9 @@ from rlpost.config.schema import EvalConfig
 from rlpost.errors import ConfigError
 from rlpost.engines.fake import FakeRolloutEngine
 from rlpost.envs.runner import LocalEnvPool
-from rlpost.evaluation import evaluate, pass_at_k, sampled_metrics
+from rlpost.rollout.evaluation import evaluate, pass_at_k, sampled_metrics
 from rlpost.local import LocalRewardPool, LocalRolloutGroup
-from rlpost.multiturn import EpisodeCollector
+from rlpost.rollout.multiturn import EpisodeCollector
 from rlpost.types import PromptSample
 
 

@@ -11,13 +11,13 @@ import dataclasses
 import pytest
 import torch
 
-from rlpost.batching import build_train_batch
+from rlpost.step.batching import build_train_batch
 from rlpost.config.load import load_config
 from rlpost.engines.hf_rollout import HFRolloutEngine
 from rlpost.envs.runner import LocalEnvPool
 from rlpost.local import LocalRolloutGroup
 from rlpost.models.loading import load_tokenizer, resolve_model_path
-from rlpost.multiturn import EpisodeCollector
+from rlpost.rollout.multiturn import EpisodeCollector
 from rlpost.types import PromptSample, SamplingParams
 
 # Qwen2.5-Instruct's template, shortened (no assistant tool_calls field), same layout.

@@ -1,4 +1,4 @@
-"""``trainer.mode=one_step_off|async`` (``rlpost.overlap``): the real controller with
+"""``trainer.mode=one_step_off|async`` (``rlpost.rollout.overlap``): the real controller with
 the shipped fakes through the in-process groups of ``rlpost.local``, producer and
 trainer on two threads. Policy-version bookkeeping, the staleness bound, resume with
 buffered batches, and shutdown when either loop raises."""
@@ -17,12 +17,12 @@ from test_controller import CrashingStream, RecordingRolloutGroup  # shared with
 from rlpost.checkpoint import CheckpointManager, read_state
 from rlpost.config.convert import to_dict
 from rlpost.config.load import load_config
-from rlpost.controller import Controller
+from rlpost.step.controller import Controller
 from rlpost.data.stream import PromptStream
 from rlpost.engines.fake import FakeRolloutEngine, FakeTrainEngine
 from rlpost.errors import ConfigError, Preempted
 from rlpost.local import LocalRewardPool, LocalTrainerGroup, LocalWeightSync
-from rlpost.overlap import BUFFER_FILE
+from rlpost.rollout.overlap import BUFFER_FILE
 from rlpost.tracking import Tracker
 from rlpost.types import PromptSample
 

@@ -14,13 +14,13 @@ import torch
 from rlpost.checkpoint import CheckpointManager
 from rlpost.config.convert import to_dict
 from rlpost.config.load import load_config
-from rlpost.controller import Controller
+from rlpost.step.controller import Controller
 from rlpost.data.stream import PromptStream
 from rlpost.engines.fake import FakeRolloutEngine, FakeTrainEngine
 from rlpost.errors import TrainerLost, WorkerError
 from rlpost.faults import FaultCounts
 from rlpost.local import LocalRewardPool, LocalRolloutGroup, LocalTrainerGroup, LocalWeightSync
-from rlpost.supervisor import TrainerParts, TrainerSupervisor
+from rlpost.step.supervisor import TrainerParts, TrainerSupervisor
 from rlpost.tracking import Tracker
 from rlpost.types import PromptSample
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlpost.weight_sync import choose_backend
+from rlpost.sync.transport import choose_backend
 
 
 @pytest.mark.parametrize("types, backend", [

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlpost.weight_sync import in_flight_full, make_plan, staging_count
+from rlpost.sync.transport import in_flight_full, make_plan, staging_count
 
 MiB = 2**20
 

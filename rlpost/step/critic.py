@@ -23,7 +23,7 @@ import torch
 
 from rlpost.algorithms import make_algorithm, make_value_loss_fn
 from rlpost.algorithms.algorithm import AdvantageInputs
-from rlpost.batching import mini_batches
+from rlpost.step.batching import mini_batches
 from rlpost.config.schema import RunConfig, TrainerConfig
 from rlpost.errors import TrainingError
 from rlpost.types import TrainBatch

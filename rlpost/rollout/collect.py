@@ -39,10 +39,10 @@ class Collector:
         self.message = message  # the run's console line (Tracker.message)
         self.algorithm = make_algorithm(cfg.algorithm)  # asked for the extra samples it needs
         self._warned_padding = False
-        # Multi-turn episodes through environments (rlpost.multiturn); None = single turn.
+        # Multi-turn episodes through environments (rlpost.rollout.multiturn); None = single turn.
         self.episodes = None
         if cfg.env.enabled(cfg.rollout):
-            from rlpost.multiturn import make_episode_collector
+            from rlpost.rollout.multiturn import make_episode_collector
 
             self.episodes = make_episode_collector(cfg, rollout, envs)
 

@@ -41,7 +41,7 @@ from rlpost.config.schema import EvalConfig, RunConfig
 from rlpost.envs.base import EnvFailure, StepResult, Task
 from rlpost.envs.chat import ChatRenderer
 from rlpost.errors import WorkerError
-from rlpost.evaluation import score_of
+from rlpost.rollout.evaluation import score_of
 from rlpost.rewards.api import to_reward
 from rlpost.types import Completion, PromptSample, Reward, SamplingParams, Trajectory
 
@@ -255,7 +255,7 @@ class EpisodeCollector:
         (and counted), not scored as wrong."""
         from contextlib import nullcontext
 
-        from rlpost.evaluation import sampled_metrics
+        from rlpost.rollout.evaluation import sampled_metrics
 
         samples = samples[:ev.size]
         episodes = [Episode(s, g) for g, s in enumerate(samples)]

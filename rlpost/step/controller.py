@@ -6,7 +6,7 @@ it calls typed methods of the groups it is handed (``rlpost.workers`` on a clust
 after the update the trainer pushes version ``s`` to every replica before step
 ``s + 1`` samples again, so every trained token is exactly on-policy.
 ``trainer.mode=one_step_off|async`` overlap sampling with training instead
-(``rlpost.overlap``, which drives ``Collector.collect`` and ``train_on`` from two threads).
+(``rlpost.rollout.overlap``, which drives ``Collector.collect`` and ``train_on`` from two threads).
 """
 
 from __future__ import annotations
@@ -27,18 +27,18 @@ from rlpost.algorithms import (
 )
 from rlpost.algorithms.algorithm import AdvantageInputs
 from rlpost.algorithms.on_policy import old_logprob_plan
-from rlpost.batching import build_train_batch, mini_batches, with_loss_rows
-from rlpost.collect import Collected, Collector
+from rlpost.step.batching import build_train_batch, mini_batches, with_loss_rows
+from rlpost.rollout.collect import Collected, Collector
 from rlpost.checkpoint import RNG_FILE, CheckpointManager, ControllerState
 from rlpost.config.schema import RunConfig
-from rlpost.critic import CriticStages
+from rlpost.step.critic import CriticStages
 from rlpost.data.stream import PromptStream
 from rlpost.errors import ConfigError, Preempted, TrainingError
-from rlpost.evaluation import evaluate
-from rlpost.overlap import OverlappedRun
+from rlpost.rollout.evaluation import evaluate
+from rlpost.rollout.overlap import OverlappedRun
 from rlpost.tracking import Tracker, trajectory_rows
 from rlpost.types import PromptSample, TrainBatch
-from rlpost.timing import Timer
+from rlpost.step.timing import Timer
 from rlpost.utils import rng
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class Controller:
         if self.algorithm.needs_critic != (critic is not None):
             raise ConfigError(f"{self.algorithm.describe()}: needs_critic={self.algorithm.needs_critic} (PPO needs "
                               f"a critic group, the others take none), got critic={critic!r}")
-        # PPO's values come from the critic (rlpost.critic), which it also trains.
+        # PPO's values come from the critic (rlpost.step.critic), which it also trains.
         self.critic = CriticStages(cfg, critic) if critic is not None else None
         self.kl_controller = make_kl_controller(cfg.algorithm.kl_coef, cfg.algorithm.kl_target,
                                                 cfg.algorithm.kl_horizon)
@@ -135,7 +135,7 @@ class Controller:
     def train_on(self, step: int, collected: Collected, timer: Timer, t0: float) -> dict:
         """Stages 4-7 of step ``step`` on ``collected``; returns the step's metrics
         (``timing/step_s`` counted from ``t0``). The samples may come from an older policy
-        version (``rlpost.overlap``): old log-probs are then recomputed here (a separate
+        version (``rlpost.rollout.overlap``): old log-probs are then recomputed here (a separate
         pass), as whenever the update is not exactly on-policy (``self.old_logprobs``)."""
         trajectories, rewards, valid = collected.trajectories, collected.rewards, collected.valid
         self.tracker.log_samples(step, trajectory_rows(trajectories, limit=4))

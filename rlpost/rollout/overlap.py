@@ -56,9 +56,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from rlpost.collect import Collected, Collector
+from rlpost.rollout.collect import Collected, Collector
 from rlpost.config.schema import TrainerConfig
-from rlpost.timing import Timer
+from rlpost.step.timing import Timer
 
 BUFFER_FILE = "rollout_buffer.pkl"
 JOIN_TIMEOUT_S = 120.0  # a producer still sampling after this is left behind (daemon thread)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from rlpost.checkpoint import CheckpointManager, read_state
-from rlpost.controller import Controller
+from rlpost.step.controller import Controller
 from rlpost.errors import TrainerLost, WorkerError
 from rlpost.faults import FaultCounts
 from rlpost.tracking import Tracker
