@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from rlpost.algorithms import dynamic_sampling_keep, make_algorithm, overlong_penalty
-from rlpost.config.schema import RunConfig
+from rlpost.config.schema import AlgorithmConfig, RolloutConfig, RunConfig
+from rlpost.groups import RewardPoolLike, RolloutGroupLike
 from rlpost.data.stream import PromptStream
 from rlpost.errors import WorkerError
 from rlpost.types import PromptSample, SamplingParams, Trajectory
@@ -32,19 +33,32 @@ class Collected:
     estimator_args: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class CollectSettings:
+    """The parts of the run config that collecting a step reads."""
+
+    rollout: RolloutConfig
+    algorithm: AlgorithmConfig  # dynamic sampling, overlong shaping, the Algorithm's extra samples
+    train_batch_size: int  # prompts (groups) per step
+    seed: int
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> CollectSettings:
+        return cls(cfg.rollout, cfg.algorithm, cfg.data.train_batch_size, cfg.seed)
+
+
 class Collector:
-    def __init__(self, cfg: RunConfig, stream: PromptStream, rollout, rewards, envs=None,
-                 message: Callable[[str], None] = print):
+    """Stages 1-3 of a step. ``rollout``/``rewards``: a ``RolloutGroupLike`` and a
+    ``RewardPoolLike`` (``rlpost.groups``); ``episodes``: an ``EpisodeCollector`` for
+    multi-turn runs (``rlpost.rollout.multiturn.make_episode_collector``), else None."""
+
+    def __init__(self, cfg: CollectSettings, stream: PromptStream, rollout: RolloutGroupLike,
+                 rewards: RewardPoolLike, episodes=None, message: Callable[[str], None] = print):
         self.cfg, self.stream, self.rollout, self.rewards = cfg, stream, rollout, rewards
         self.message = message  # the run's console line (Tracker.message)
         self.algorithm = make_algorithm(cfg.algorithm)  # asked for the extra samples it needs
         self._warned_padding = False
-        # Multi-turn episodes through environments (rlpost.rollout.multiturn); None = single turn.
-        self.episodes = None
-        if cfg.env.enabled(cfg.rollout):
-            from rlpost.rollout.multiturn import make_episode_collector
-
-            self.episodes = make_episode_collector(cfg, rollout, envs)
+        self.episodes = episodes  # multi-turn episodes through environments; None = single turn
 
     def sampling_params(self, step: int, round_: int = 0) -> SamplingParams:
         r = self.cfg.rollout
@@ -58,7 +72,7 @@ class Collector:
 
     def collect(self, step: int, policy_version: int, timer) -> Collected:
         """``timer(name)`` is a context manager accumulating ``timing/<name>_s``."""
-        algo, want = self.cfg.algorithm, self.cfg.data.train_batch_size
+        algo, want = self.cfg.algorithm, self.cfg.train_batch_size
         rounds = algo.max_sampling_rounds if algo.dynamic_sampling else 1
         kept: list[tuple[list[Trajectory], torch.Tensor, torch.Tensor]] = []
         dropped: list[tuple[list[Trajectory], torch.Tensor, torch.Tensor]] = []

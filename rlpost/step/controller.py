@@ -28,7 +28,8 @@ from rlpost.algorithms import (
 from rlpost.algorithms.algorithm import AdvantageInputs
 from rlpost.algorithms.on_policy import old_logprob_plan
 from rlpost.step.batching import build_train_batch, mini_batches, with_loss_rows
-from rlpost.rollout.collect import Collected, Collector
+from rlpost.rollout.collect import Collected, CollectSettings, Collector
+from rlpost.rollout.multiturn import make_episode_collector
 from rlpost.checkpoint import RNG_FILE, CheckpointManager, ControllerState
 from rlpost.config.schema import RunConfig
 from rlpost.step.critic import CriticStages
@@ -52,7 +53,9 @@ class Controller:
         self.weight_sync = weight_sync
         self.stream, self.val_samples, self.tracker, self.checkpoints = stream, val_samples, tracker, checkpoints
         # envs: multi-turn env pool; messages go to the console line through the tracker
-        self.collector = Collector(cfg, stream, rollout, rewards, envs, message=lambda text: self.tracker.message(text))
+        episodes = make_episode_collector(cfg, rollout, envs) if cfg.env.enabled(cfg.rollout) else None
+        self.collector = Collector(CollectSettings.of(cfg), stream, rollout, rewards, episodes,
+                                   message=lambda text: self.tracker.message(text))
         self.pad_id, self.use_reference = pad_id, use_reference
         self.faults = faults  # rlpost.faults.FaultCounts: failures survived, logged every step
         self.perf = perf  # rlpost.perf.StepPerf: perf/mfu and tokens/s every step (None: not reported)
@@ -66,7 +69,7 @@ class Controller:
             raise ConfigError(f"{self.algorithm.describe()}: needs_critic={self.algorithm.needs_critic} (PPO needs "
                               f"a critic group, the others take none), got critic={critic!r}")
         # PPO's values come from the critic (rlpost.step.critic), which it also trains.
-        self.critic = CriticStages(cfg, critic) if critic is not None else None
+        self.critic = CriticStages.of(cfg, critic) if critic is not None else None
         self.kl_controller = make_kl_controller(cfg.algorithm.kl_coef, cfg.algorithm.kl_target,
                                                 cfg.algorithm.kl_horizon)
         self.policy_version = 0

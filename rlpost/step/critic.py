@@ -24,8 +24,9 @@ import torch
 from rlpost.algorithms import make_algorithm, make_value_loss_fn
 from rlpost.algorithms.algorithm import AdvantageInputs
 from rlpost.step.batching import mini_batches
-from rlpost.config.schema import RunConfig, TrainerConfig
+from rlpost.config.schema import AlgorithmConfig, CriticConfig, RunConfig, TrainerConfig
 from rlpost.errors import TrainingError
+from rlpost.groups import CriticGroupLike
 from rlpost.types import TrainBatch
 
 
@@ -38,16 +39,22 @@ def critic_trainer_config(cfg: RunConfig) -> TrainerConfig:
 class CriticStages:
     """Values + GAE before the policy update, and the critic's own update."""
 
-    def __init__(self, cfg: RunConfig, critic):
-        self.cfg, self.critic = cfg, critic
-        self.algorithm = make_algorithm(cfg.algorithm)
-        self.loss_fn = make_value_loss_fn(cfg.algorithm, max_response_len=cfg.rollout.max_new_tokens)
+    def __init__(self, critic: CriticGroupLike, *, critic_cfg: CriticConfig, trainer: TrainerConfig,
+                 algorithm: AlgorithmConfig, max_new_tokens: int, seed: int):
+        self.critic, self.critic_cfg, self.trainer, self.seed = critic, critic_cfg, trainer, seed
+        self.algorithm = make_algorithm(algorithm)
+        self.loss_fn = make_value_loss_fn(algorithm, max_response_len=max_new_tokens)
         self.bad_updates = 0  # consecutive skipped (non-finite) critic updates
+
+    @classmethod
+    def of(cls, cfg: RunConfig, critic: CriticGroupLike) -> CriticStages:
+        return cls(critic, critic_cfg=cfg.critic, trainer=cfg.trainer, algorithm=cfg.algorithm,
+                   max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed)
 
     def policy_frozen(self, step: int) -> bool:
         """During ``critic.warmup_steps`` only the critic learns: GAE with an untrained
         critic (values 0) would give the policy advantages that are mostly noise."""
-        return step <= self.cfg.critic.warmup_steps
+        return step <= self.critic_cfg.warmup_steps
 
     def advantages(self, batch: TrainBatch, scores: torch.Tensor, kl_coef: float) -> dict[str, float]:
         """Set ``batch.old_values``, ``batch.returns`` and ``batch.advantages`` (all [B, T],
@@ -66,9 +73,9 @@ class CriticStages:
     def update(self, batch: TrainBatch, step: int) -> dict[str, float]:
         """``trainer.epochs`` passes of ``trainer.mini_batches`` critic optimizer steps
         over ``batch`` (which ``advantages`` filled); metrics averaged over updates."""
-        tc = self.cfg.trainer
+        tc = self.trainer
         # Its own shuffle, so the critic's mini-batches do not depend on the policy's.
-        generator = torch.Generator().manual_seed(self.cfg.seed * 7919 + step + 104729)
+        generator = torch.Generator().manual_seed(self.seed * 7919 + step + 104729)
         summed: dict[str, float] = {}
         updates = 0
         for mini in mini_batches(batch, tc.mini_batches, tc.epochs, generator):
@@ -86,7 +93,7 @@ class CriticStages:
             self.bad_updates = 0
             return
         self.bad_updates += 1
-        limit = self.cfg.trainer.max_bad_steps
+        limit = self.trainer.max_bad_steps
         if self.bad_updates > limit:
             raise TrainingError(f"step {step}: {self.bad_updates} critic updates in a row had a non-finite loss or "
                                 f"gradient (trainer.max_bad_steps={limit}): lower critic.lr or check the reward")

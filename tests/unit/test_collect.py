@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from rlpost.rollout.collect import Collector
+from rlpost.rollout.collect import CollectSettings, Collector
 from rlpost.config.load import load_config
 from rlpost.data.stream import PromptStream
 from rlpost.engines.fake import FakeRolloutEngine
@@ -34,7 +34,7 @@ def make(tmp_path, *overrides, flat=(0, 1, 2, 3), message=print):
                             metadata={"flat": i in flat}) for i in range(8)]
     stream = PromptStream(samples, cfg.data.train_batch_size, seed=0, shuffle=False)
     rollout = LocalRolloutGroup([FakeRolloutEngine(vocab_size=16, eos_id=2, seed=0)])
-    return cfg, Collector(cfg, stream, rollout, LocalRewardPool(cfg.reward), message=message)
+    return cfg, Collector(CollectSettings.of(cfg), stream, rollout, LocalRewardPool(cfg.reward), message=message)
 
 
 def timer(name):

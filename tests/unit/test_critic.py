@@ -47,7 +47,7 @@ def two_rows() -> TrainBatch:
 
 
 def stages(cfg, init_value: float) -> CriticStages:
-    return CriticStages(cfg, LocalCriticGroup(FakeValueEngine(VOCAB, init_value=init_value), micro_batch_size=1))
+    return CriticStages.of(cfg, LocalCriticGroup(FakeValueEngine(VOCAB, init_value=init_value), micro_batch_size=1))
 
 
 def test_gae_advantages_and_returns_by_hand(tmp_path):
