@@ -52,9 +52,10 @@ import pickle
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 from rlpost.rollout.collect import Collected, Collector
 from rlpost.config.schema import TrainerConfig
@@ -92,11 +93,11 @@ class RolloutBuffer:
     ``wait_sampled`` raise ``error``, or ``BufferClosed``).
     """
 
-    def __init__(self, capacity: int, budget: int, sampled: int, restored: list[SampledBatch] = ()):
+    def __init__(self, capacity: int, budget: int, sampled: int, restored: Sequence[SampledBatch] = ()):
         self.capacity, self.budget, self.sampled = capacity, budget, sampled
         self._items: deque[SampledBatch] = deque(restored)  # may exceed capacity (config changed)
         self._reserved = 0
-        self._closed, self._error = False, None
+        self._closed, self._error = False, cast(BaseException | None, None)
         self._cond = threading.Condition()
 
     def reserve(self) -> bool:
@@ -214,29 +215,29 @@ class OverlappedRun:
         """Steps ``start_step + 1 ..`` with a producer thread sampling ahead (the owner
         has started the tracker and run the step-0 eval)."""
         self.serving = self.owner.policy_version
-        self.buffer = RolloutBuffer(self.capacity, budget=self.total_steps - start_step - len(self._restored),
-                                    sampled=self.produced, restored=self._restored)
+        buffer = self.buffer = RolloutBuffer(self.capacity, budget=self.total_steps - start_step - len(self._restored),
+                                             sampled=self.produced, restored=self._restored)
         self._restored = []
-        producer = threading.Thread(target=self._produce, name="rlpost-rollout-producer", daemon=True)
+        producer = threading.Thread(target=self._produce, args=(buffer,), name="rlpost-rollout-producer", daemon=True)
         producer.start()
         try:
-            return self._train(start_step, stop_requested)
+            return self._train(buffer, start_step, stop_requested)
         finally:
-            self.buffer.close()
+            buffer.close()
             producer.join(JOIN_TIMEOUT_S)
             if producer.is_alive():
                 log.warning("the rollout producer is still sampling after %.0fs; leaving it behind", JOIN_TIMEOUT_S)
 
-    def _train(self, start_step: int, stop_requested) -> dict:
+    def _train(self, buffer: RolloutBuffer, start_step: int, stop_requested) -> dict:
         owner = self.owner
         step, last = start_step, {}
         while step < self.total_steps:
             t0 = time.perf_counter()
-            batch, ready = self.buffer.get()
+            batch, ready = buffer.get()
             wait_s = time.perf_counter() - t0
             if owner.policy_version - batch.policy_version > self.max_staleness:
                 self.dropped += 1
-                self.buffer.refund()
+                buffer.refund()
                 continue
             step += 1
             timer = Timer(batch.timings)
@@ -259,19 +260,19 @@ class OverlappedRun:
         return {"async/staleness_mean": sum(lags) / len(lags), "async/staleness_max": float(max(lags))}
 
     # ------------------------------------------------------------ producer side
-    def _produce(self) -> None:
+    def _produce(self, buffer: RolloutBuffer) -> None:
         """Consumes prompts (through the collector); waits for a buffer slot, then for
         the replicas lock; puts one batch per loop. Ends when the buffer closes."""
         try:
-            while self.buffer.reserve():
+            while buffer.reserve():
                 with self.replicas_lock:
                     index, version, timer = self.produced + 1, self.serving, Timer()
                     collected = self.collector.collect(index, version, timer)
-                    self.buffer.put(SampledBatch(index, version, collected, dict(timer)))
+                    buffer.put(SampledBatch(index, version, collected, dict(timer)))
                     self.produced = index
         except BaseException as err:  # surfaced on the trainer thread by get() / wait_sampled()
             err.add_note(f"(raised in the rollout producer thread, trainer.mode={self.mode})")
-            self.buffer.close(err)
+            buffer.close(err)
 
     # -------------------------------------------------------------- checkpoints
     def save(self, folder: Path) -> dict:

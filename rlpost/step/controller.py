@@ -35,6 +35,8 @@ from rlpost.config.schema import RunConfig
 from rlpost.step.critic import CriticStages
 from rlpost.data.stream import PromptStream
 from rlpost.errors import ConfigError, Preempted, TrainingError
+from rlpost.groups import (CriticGroupLike, EnvPoolLike, RewardPoolLike, RolloutGroupLike, TrainerGroupLike,
+                           WeightSyncLike)
 from rlpost.rollout.evaluation import evaluate
 from rlpost.rollout.overlap import OverlappedRun
 from rlpost.tracking import Tracker, trajectory_rows
@@ -46,9 +48,11 @@ log = logging.getLogger(__name__)
 
 
 class Controller:
-    def __init__(self, cfg: RunConfig, *, trainer, rollout, rewards, weight_sync, stream: PromptStream,
+    def __init__(self, cfg: RunConfig, *, trainer: TrainerGroupLike, rollout: RolloutGroupLike,
+                 rewards: RewardPoolLike, weight_sync: WeightSyncLike, stream: PromptStream,
                  val_samples: list[PromptSample], tracker: Tracker, checkpoints: CheckpointManager,
-                 pad_id: int, use_reference: bool, envs=None, critic=None, faults=None, perf=None):
+                 pad_id: int, use_reference: bool, envs: EnvPoolLike | None = None,
+                 critic: CriticGroupLike | None = None, faults=None, perf=None):
         self.cfg, self.trainer, self.rollout, self.rewards = cfg, trainer, rollout, rewards
         self.weight_sync = weight_sync
         self.stream, self.val_samples, self.tracker, self.checkpoints = stream, val_samples, tracker, checkpoints
@@ -161,7 +165,7 @@ class Controller:
         #    failed samples take no part in group statistics. PPO's need the critic's values.
         kl_coef = self.kl_controller.value  # this step's KL-penalty coefficient, before its update
         shaped, kl_metrics = self._kl_in_reward(rewards, batch)
-        if self.algorithm.needs_critic:  # the critic's forward, then the algorithm's GAE
+        if self.critic is not None:  # the algorithm needs one (checked at start): its forward, then GAE
             with timer("values"):
                 kl_metrics.update(self.critic.advantages(batch, rewards, kl_coef))
         else:
@@ -226,6 +230,8 @@ class Controller:
         algo = self.cfg.algorithm
         if not algo.kl_in_reward or batch.ref_logprobs is None:
             return rewards, {}
+        if batch.old_logprobs is None:
+            raise ValueError("algorithm.kl_in_reward needs the sampling policy's old log-probs")
         kl = KL_ESTIMATORS[algo.kl_estimator](batch.old_logprobs, batch.ref_logprobs) * batch.loss_mask
         beta = self.kl_controller.value
         shaped = rewards - beta * kl.sum(dim=1).view_as(rewards)

@@ -67,6 +67,8 @@ class CriticStages:
         mask = batch.loss_mask
         values = self.critic.forward_values(batch).to(torch.float32) * mask
         out = self.algorithm.advantages(batch, AdvantageInputs(scores=scores, kl_coef=kl_coef, values=values))
+        if out.returns is None:
+            raise ValueError(f"{self.algorithm.name}: a critic's algorithm must return the value targets (returns)")
         batch.old_values, batch.returns, batch.advantages = values, out.returns, out.advantages
         return value_metrics(values, out.returns, mask)
 
