@@ -12,7 +12,8 @@ def build_train_batch(trajectories: list[Trajectory], pad_id: int) -> TrainBatch
     """Right-padded ``[B, T]`` tensors. ``loss_mask`` covers the completion tokens
     (only the sampled ones where ``Completion.loss_mask`` marks environment tokens);
     trajectories whose reward failed get an all-zero loss mask. Advantages are set
-    later (``with_outcome_advantages``), once the KL terms they may need exist."""
+    later by the run's ``Algorithm.advantages`` (``rlpost.algorithms.algorithm``), once the
+    KL terms they may need exist."""
     lengths = [len(t.prompt.prompt_ids) + len(t.completion.token_ids) for t in trajectories]
     rows, width = len(trajectories), max(lengths)
     input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
