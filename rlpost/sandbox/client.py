@@ -154,6 +154,22 @@ class SandboxClient:
         raise SandboxError(f"sandbox at {where} failed after {self.retries + 1} attempts; last error {last}")
 
 
+_SHARED: dict[tuple[str, ...], SandboxClient] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_client(url: str | Sequence[str]) -> SandboxClient:
+    """One client per process and server list, with default settings. Environments are
+    built once per episode; sharing the client lets every episode in an env actor see
+    the same in-flight counts and ejections, so a dead server is tried once, not once
+    per episode."""
+    key = (url,) if isinstance(url, str) else tuple(url)
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = SandboxClient(list(key))
+        return _SHARED[key]
+
+
 def _retry_after(e: urllib.error.HTTPError) -> float:
     try:
         return min(float(e.headers.get("Retry-After", 0)), 30.0)

@@ -16,7 +16,7 @@ import pytest
 from rlpost.errors import SandboxError
 from rlpost.sandbox import SandboxClient
 from rlpost.sandbox.admission import QUEUE_FULL, WAIT_EXPIRED, SlotPool
-from rlpost.sandbox.client import Fleet
+from rlpost.sandbox.client import Fleet, shared_client
 from rlpost.sandbox.metrics import Metrics
 from rlpost.sandbox.server import is_loopback
 
@@ -152,3 +152,12 @@ def test_refuses_to_serve_beyond_loopback_without_a_token():
                           capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 1
     assert "refusing to serve on 0.0.0.0 without a token" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_environments_share_one_client_per_server_list():
+    from environments.code import CodeEnv
+
+    urls = ["http://127.0.0.1:1", "http://127.0.0.1:2"]
+    first, second = CodeEnv(sandbox_url=urls), CodeEnv(sandbox_url=list(urls))
+    assert first.client is second.client and first.client.fleet.urls == urls
+    assert shared_client("http://127.0.0.1:1") is not first.client
