@@ -43,6 +43,10 @@ from rlpost.sandbox.types import Limits, RunRequest
 
 class SandboxHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    # The listen backlog. socketserver's default of 5 overflows under a burst of a few
+    # dozen connects, and the kernel then resets connections the client already sent
+    # its request on: a request answered by nobody. (The kernel caps it at somaxconn.)
+    request_queue_size = 1024
 
     def __init__(
         self,
@@ -59,6 +63,11 @@ class SandboxHTTPServer(ThreadingHTTPServer):
         self.max_queue_wait_s = max_queue_wait_s
         self.token = token.encode() if token else None
         self.metrics = Metrics()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hung up (reset, broken pipe) is its own business, not a traceback on stderr.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
     def authorized(self, header: str | None) -> bool:
         if self.token is None:

@@ -107,6 +107,14 @@ def test_burst_beyond_the_queue_refuses_the_excess_only(server):
     assert health(server)["rejected"] == before + excess
 
 
+def test_a_wide_burst_is_answered_in_full(server):
+    # Far more connects at once than socketserver's default listen backlog of 5.
+    n = 48
+    answers = burst(server, n, "import time\ntime.sleep(1)\nprint('done')")
+    statuses = sorted(s for s, _, _ in answers)
+    assert statuses == [200] * (SLOTS + QUEUE) + [429] * (n - SLOTS - QUEUE)
+
+
 def test_a_wait_past_the_request_deadline_is_refused(server):
     before = metric(server, "wait_expired")
     holders = [threading.Thread(target=request, args=(server, "POST", "/run",
