@@ -7,6 +7,7 @@ spreads requests itself (``Fleet``). Stdlib HTTP only.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import random
@@ -145,7 +146,8 @@ class SandboxClient:
                     self.fleet.set_aside(url, wait_at_least, failed=False)
                 else:
                     self.fleet.set_aside(url, self.fleet.eject_s, failed=True)
-            except (OSError, ValueError) as e:  # refused, reset, timed out, truncated JSON
+            # refused, reset, timed out, cut off mid-answer (IncompleteRead is an HTTPException), bad JSON
+            except (OSError, ValueError, http.client.HTTPException) as e:
                 last, wait_at_least, failed_url = f"{type(e).__name__}: {e}", 0.0, url
                 self.fleet.set_aside(url, self.fleet.eject_s, failed=True)
             finally:

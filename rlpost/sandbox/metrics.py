@@ -58,7 +58,7 @@ class Metrics:
 
     def prometheus(self, busy: int, queued: int, capacity: int, max_queue: int) -> str:
         with self._lock:
-            lines = ["# HELP rlpost_sandbox_requests_total POST /run requests by outcome.",
+            lines = ["# HELP rlpost_sandbox_requests_total POST /run requests by outcome (unauthorized: /metrics too).",
                      "# TYPE rlpost_sandbox_requests_total counter"]
             lines += [f'rlpost_sandbox_requests_total{{outcome="{k}"}} {v}' for k, v in self.outcomes.items()]
             for name, value, help_ in (

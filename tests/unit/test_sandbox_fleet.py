@@ -140,6 +140,32 @@ def test_client_skips_a_dead_server_without_sleeping(recording_server, monkeypat
     assert seen[-1] == "Bearer explicit"
 
 
+def test_an_answer_cut_off_midway_moves_to_another_server(recording_server):
+    url, seen = recording_server
+
+    class CutOff(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):  # promises 1000 bytes, sends 10 and hangs up: a server dying mid-answer
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b'{"status":')
+            self.close_connection = True
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), CutOff)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        client = SandboxClient([f"http://127.0.0.1:{httpd.server_address[1]}", url], retries=1)
+        assert client.run("print(1)").status == "ok"
+        assert client.retried == 1 and client.fleet.ejections == 1 and len(seen) == 1
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 def test_is_loopback():
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3") and not is_loopback("sandbox.internal")
