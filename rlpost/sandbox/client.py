@@ -79,8 +79,8 @@ class SandboxClient:
     401 a missing or wrong token). A retry goes at once to another server when one is
     available (see ``Fleet``); otherwise it waits with exponential backoff (base
     ``backoff_s``, capped at ``max_backoff_s``, jittered, never shorter than a 429's
-    ``Retry-After``). Each HTTP call waits at most ``timeout_s`` beyond the run's own
-    timeout. ``token`` (default: ``$RLPOST_SANDBOX_TOKEN``) is sent as a bearer token.
+    ``Retry-After``). Each HTTP call waits at most ``timeout_s`` beyond twice the run's
+    own timeout (a wait in the server's queue, bounded by it, then the run). ``token`` (default: ``$RLPOST_SANDBOX_TOKEN``) is sent as a bearer token.
     Thread-safe: one client may serve many concurrent episodes."""
 
     def __init__(
@@ -105,7 +105,9 @@ class SandboxClient:
 
     def run(self, code: str, stdin: str = "", timeout_s: float = 5.0, memory_mb: int = 256) -> RunResult:
         body = {"code": code, "stdin": stdin, "timeout_s": timeout_s, "memory_mb": memory_mb}
-        return RunResult.from_json(self._request("/run", body, http_timeout=timeout_s + self.timeout_s))
+        # The server may hold a request in its queue for up to timeout_s before running it
+        # for up to timeout_s; a shorter HTTP timeout would eject a healthy, busy server.
+        return RunResult.from_json(self._request("/run", body, http_timeout=2 * timeout_s + self.timeout_s))
 
     def health(self) -> bool:
         """True when at least one server answers its health check now (no retries)."""
