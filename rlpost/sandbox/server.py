@@ -199,7 +199,7 @@ def serve(
     python: str | None = None,
     base_uid: int = BASE_UID,
     *,
-    max_queue: int = 0,
+    max_queue: int = 32,
     max_queue_wait_s: float = 30.0,
     token: str | None = None,
 ) -> None:
