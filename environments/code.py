@@ -47,14 +47,14 @@ def extract_code(text: str) -> str:
 
 
 class CodeEnv:
-    def __init__(self, sandbox_url: str | None = None, client=None, timeout_s: float = 5.0, memory_mb: int = 256):
+    def __init__(self, sandbox_url: str | list[str] | None = None, client=None, timeout_s: float = 5.0, memory_mb: int = 256):
         if client is None:
             from rlpost.errors import ConfigError
-            from rlpost.sandbox import SandboxClient
+            from rlpost.sandbox.client import shared_client
 
             if not sandbox_url:
                 raise ConfigError("CodeEnv needs env.kwargs.sandbox_url (start one: python -m rlpost.sandbox serve)")
-            client = SandboxClient(sandbox_url)
+            client = shared_client(sandbox_url)  # one URL or a list of them
         self.client, self.timeout_s, self.memory_mb = client, timeout_s, memory_mb
         self.task: Task | None = None
 

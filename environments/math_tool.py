@@ -15,14 +15,14 @@ from rlpost.envs import Message, StepResult, Task, run_tool_calls
 
 
 class MathToolEnv:
-    def __init__(self, sandbox_url: str | None = None, python_timeout_s: float = 5.0, python_memory_mb: int = 256):
+    def __init__(self, sandbox_url: str | list[str] | None = None, python_timeout_s: float = 5.0, python_memory_mb: int = 256):
         from rlpost.tools import CalculatorTool, PythonTool
 
         self.tools = [CalculatorTool()]
         if sandbox_url:
-            from rlpost.sandbox import SandboxClient
+            from rlpost.sandbox.client import shared_client
 
-            self.tools.append(PythonTool(SandboxClient(sandbox_url), python_timeout_s, python_memory_mb))
+            self.tools.append(PythonTool(shared_client(sandbox_url), python_timeout_s, python_memory_mb))
         self.task: Task | None = None
 
     def reset(self, task: Task) -> list[Message]:

@@ -1,12 +1,18 @@
-"""``python -m rlpost.sandbox serve --host 127.0.0.1 --port 8900``: run the sandbox service."""
+"""``python -m rlpost.sandbox serve --host 127.0.0.1 --port 8900``: run the sandbox service.
+
+The token comes from ``RLPOST_SANDBOX_TOKEN`` or ``--token-file``, never from the command
+line, where every user of the host could read it in ``ps``."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
+from rlpost.errors import SandboxError
 from rlpost.sandbox.runner import BASE_UID
 from rlpost.sandbox.server import serve
-from rlpost.sandbox.types import Limits
+from rlpost.sandbox.types import TOKEN_ENV, Limits
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -14,9 +20,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m rlpost.sandbox", description="Code sandbox service")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="serve POST /run and GET /health")
-    p.add_argument("--host", default="127.0.0.1", help="bind address; 0.0.0.0 to serve a fleet (no auth: firewall it)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address; beyond loopback (e.g. 0.0.0.0) a token is required")
     p.add_argument("--port", type=int, default=8900, help="0 picks a free port and prints it")
     p.add_argument("--max-concurrency", type=int, default=defaults.max_concurrency)
+    p.add_argument("--max-queue", type=int, default=32,
+                   help="requests that may wait for a slot (FIFO); beyond it the answer is 429. 0: never wait")
+    p.add_argument("--max-queue-wait-s", type=float, default=30.0,
+                   help="longest wait for a slot (never past the request's own timeout_s); then 429")
+    p.add_argument("--token-file", default=None,
+                   help=f"file holding the bearer token clients must send (default: ${TOKEN_ENV}, if set)")
     p.add_argument("--max-timeout-s", type=float, default=defaults.max_timeout_s)
     p.add_argument("--max-memory-mb", type=int, default=defaults.max_memory_mb)
     p.add_argument("--output-limit-kb", type=int, default=defaults.output_limit_bytes // 1024)
@@ -34,7 +46,24 @@ def main(argv: list[str] | None = None) -> None:
         max_processes=args.max_processes,
         disk_mb=args.disk_mb,
     )
-    serve(args.host, args.port, limits, args.python, args.base_uid)
+    try:
+        token = read_token(args.token_file)
+        serve(args.host, args.port, limits, args.python, args.base_uid, max_queue=args.max_queue,
+              max_queue_wait_s=args.max_queue_wait_s, token=token)
+    except SandboxError as e:
+        sys.exit(f"rlpost.sandbox: {e}")
+
+
+def read_token(path: str | None) -> str | None:
+    if path is None:
+        return os.environ.get(TOKEN_ENV) or None
+    try:
+        token = open(path).read().strip()
+    except OSError as e:
+        raise SandboxError(f"cannot read --token-file {path}: {e}") from e
+    if not token:
+        raise SandboxError(f"--token-file {path} is empty")
+    return token
 
 
 if __name__ == "__main__":

@@ -1,44 +1,103 @@
 """Client of the sandbox service: the only way environments and tools run code.
 
-Point ``url`` at one server, or at a load balancer in front of a fleet (a run holds no
-server-side state, so any server may answer any request). Stdlib HTTP only.
+Give ``url`` one server, a load balancer in front of a fleet, or a list of servers: a run
+holds no server-side state, so any server may answer any request. With a list the client
+spreads requests itself (``Fleet``). Stdlib HTTP only.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
 import random
+import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Callable
+from typing import Callable, Sequence
 
 from rlpost.errors import SandboxError
-from rlpost.sandbox.types import RunResult
+from rlpost.sandbox.types import TOKEN_ENV, RunResult
 
 # Overload and server faults are worth retrying; other 4xx mean the request itself is wrong.
 _RETRY_STATUS = {429, 500, 502, 503, 504}
+
+
+class Fleet:
+    """Which server gets the next request. Least busy first: fewest requests this client
+    has in flight there, ties taken in turn. A server that fails (connection error, 5xx)
+    is ejected for ``eject_s``; one that answers 429 is set aside for its ``Retry-After``.
+    When its time is up it gets traffic again and is ejected again if it still fails
+    (a passive health check: no probe traffic). With every server set aside, the one
+    back soonest is used, so a single server behaves as before."""
+
+    def __init__(self, urls: Sequence[str], eject_s: float, clock: Callable[[], float] = time.monotonic):
+        if not urls:
+            raise SandboxError("SandboxClient needs at least one server URL")
+        self.urls = [u.rstrip("/") for u in urls]
+        self.eject_s, self._clock = eject_s, clock
+        self._inflight = dict.fromkeys(self.urls, 0)
+        self._away_until = dict.fromkeys(self.urls, 0.0)
+        self._turn = 0
+        self._lock = threading.Lock()
+        self.ejections = 0  # servers ejected over this client's life, for logs and tests
+
+    def acquire(self, avoid: str = "") -> str:
+        """The server for the next request, other than ``avoid`` (the one that just
+        failed it) when another is available."""
+        with self._lock:
+            now, n = self._clock(), len(self.urls)
+            order = [self.urls[(self._turn + i) % n] for i in range(n)]
+            self._turn += 1
+            up = [u for u in order if self._away_until[u] <= now and u != avoid]
+            up = up or [u for u in order if self._away_until[u] <= now]
+            url = min(up, key=self._inflight.__getitem__) if up else min(order, key=self._away_until.__getitem__)
+            self._inflight[url] += 1
+            return url
+
+    def release(self, url: str) -> None:
+        with self._lock:
+            self._inflight[url] -= 1
+
+    def set_aside(self, url: str, seconds: float, failed: bool) -> None:
+        with self._lock:
+            self._away_until[url] = max(self._away_until[url], self._clock() + seconds)
+            self.ejections += failed
+
+    def other_available(self, url: str) -> bool:
+        with self._lock:
+            now = self._clock()
+            return any(t <= now for u, t in self._away_until.items() if u != url)
 
 
 class SandboxClient:
     """``run`` sends one program and returns its ``RunResult``; a program that times out,
     runs out of memory or crashes is a result, never an exception. ``SandboxError`` is
     raised only when the service is unusable: unreachable or overloaded after ``retries``
-    retries with exponential backoff (base ``backoff_s``, capped at ``max_backoff_s``,
-    jittered, never shorter than a 429's ``Retry-After``), or refusing the request
-    (HTTP 4xx other than 429, e.g. a limit above the server's). Each HTTP call waits at most ``timeout_s`` beyond the run's own timeout."""
+    retries, or refusing the request (HTTP 4xx other than 429: a limit above the server's,
+    401 a missing or wrong token). A retry goes at once to another server when one is
+    available (see ``Fleet``); otherwise it waits with exponential backoff (base
+    ``backoff_s``, capped at ``max_backoff_s``, jittered, never shorter than a 429's
+    ``Retry-After``). Each HTTP call waits at most ``timeout_s`` beyond twice the run's
+    own timeout (a wait in the server's queue, bounded by it, then the run). ``token`` (default: ``$RLPOST_SANDBOX_TOKEN``) is sent as a bearer token.
+    Thread-safe: one client may serve many concurrent episodes."""
 
     def __init__(
         self,
-        url: str = "http://127.0.0.1:8900",
+        url: str | Sequence[str] = "http://127.0.0.1:8900",
         *,
+        token: str | None = None,
         retries: int = 3,
         timeout_s: float = 10.0,
         backoff_s: float = 0.2,
         max_backoff_s: float = 2.0,
+        eject_s: float = 10.0,
         sleep: Callable[[float], None] = time.sleep,
     ):
-        self.url = url.rstrip("/")
+        self.fleet = Fleet([url] if isinstance(url, str) else list(url), eject_s)
+        self.url = self.fleet.urls[0]
+        self.token = token if token is not None else os.environ.get(TOKEN_ENV) or None
         self.retries, self.timeout_s = retries, timeout_s
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self._sleep = sleep
@@ -46,39 +105,73 @@ class SandboxClient:
 
     def run(self, code: str, stdin: str = "", timeout_s: float = 5.0, memory_mb: int = 256) -> RunResult:
         body = {"code": code, "stdin": stdin, "timeout_s": timeout_s, "memory_mb": memory_mb}
-        return RunResult.from_json(self._request("/run", body, http_timeout=timeout_s + self.timeout_s))
+        # The server may hold a request in its queue for up to timeout_s before running it
+        # for up to timeout_s; a shorter HTTP timeout would eject a healthy, busy server.
+        return RunResult.from_json(self._request("/run", body, http_timeout=2 * timeout_s + self.timeout_s))
 
     def health(self) -> bool:
-        """True when the service answers its health check now (no retries)."""
+        """True when at least one server answers its health check now (no retries)."""
+        return any(self._healthy(url) for url in self.fleet.urls)
+
+    def _healthy(self, url: str) -> bool:
         try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=self.timeout_s) as r:
+            with urllib.request.urlopen(f"{url}/health", timeout=self.timeout_s) as r:
                 return r.status == 200 and json.load(r).get("status") == "ok"
         except (OSError, ValueError):
             return False
 
     def _request(self, path: str, body: dict, http_timeout: float) -> dict:
         data = json.dumps(body).encode()
-        last, wait_at_least = "", 0.0
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        last, wait_at_least, failed_url = "", 0.0, ""
         for attempt in range(self.retries + 1):
             if attempt:
                 self.retried += 1
-                delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
-                # jitter spreads a burst's retries; a 429's Retry-After is a floor.
-                self._sleep(max(delay * random.uniform(0.5, 1.0), wait_at_least))
-            req = urllib.request.Request(
-                self.url + path, data=data, method="POST", headers={"Content-Type": "application/json"}
-            )
+                if not self.fleet.other_available(failed_url):  # else another server takes it at once
+                    delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
+                    # jitter spreads a burst's retries; a 429's Retry-After is a floor.
+                    self._sleep(max(delay * random.uniform(0.5, 1.0), wait_at_least))
+            url = self.fleet.acquire(avoid=failed_url)
+            req = urllib.request.Request(url + path, data=data, method="POST", headers=headers)
             try:
                 with urllib.request.urlopen(req, timeout=http_timeout) as r:
                     return json.load(r)
             except urllib.error.HTTPError as e:
                 detail = e.read().decode(errors="replace")[:500]
                 if e.code not in _RETRY_STATUS:
-                    raise SandboxError(f"sandbox at {self.url} refused the request (HTTP {e.code}): {detail}") from e
-                last, wait_at_least = f"HTTP {e.code}: {detail}", _retry_after(e)
-            except (OSError, ValueError) as e:  # refused, reset, timed out, truncated JSON
-                last, wait_at_least = f"{type(e).__name__}: {e}", 0.0
-        raise SandboxError(f"sandbox at {self.url} failed after {self.retries + 1} attempts; last error {last}")
+                    hint = " (set RLPOST_SANDBOX_TOKEN or the client's token)" if e.code == 401 else ""
+                    raise SandboxError(f"sandbox at {url} refused the request (HTTP {e.code}){hint}: {detail}") from e
+                last, wait_at_least, failed_url = f"HTTP {e.code}: {detail}", _retry_after(e), url
+                if e.code == 429:
+                    self.fleet.set_aside(url, wait_at_least, failed=False)
+                else:
+                    self.fleet.set_aside(url, self.fleet.eject_s, failed=True)
+            # refused, reset, timed out, cut off mid-answer (IncompleteRead is an HTTPException), bad JSON
+            except (OSError, ValueError, http.client.HTTPException) as e:
+                last, wait_at_least, failed_url = f"{type(e).__name__}: {e}", 0.0, url
+                self.fleet.set_aside(url, self.fleet.eject_s, failed=True)
+            finally:
+                self.fleet.release(url)
+        where = failed_url if len(self.fleet.urls) == 1 else f"{self.fleet.urls} (last {failed_url})"
+        raise SandboxError(f"sandbox at {where} failed after {self.retries + 1} attempts; last error {last}")
+
+
+_SHARED: dict[tuple[str, ...], SandboxClient] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_client(url: str | Sequence[str]) -> SandboxClient:
+    """One client per process and server list, with default settings. Environments are
+    built once per episode; sharing the client lets every episode in an env actor see
+    the same in-flight counts and ejections, so a dead server is tried once, not once
+    per episode."""
+    key = (url,) if isinstance(url, str) else tuple(url)
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = SandboxClient(list(key))
+        return _SHARED[key]
 
 
 def _retry_after(e: urllib.error.HTTPError) -> float:

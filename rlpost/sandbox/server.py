@@ -2,52 +2,90 @@
 
     POST /run     {"code", "stdin", "timeout_s", "memory_mb"}
                   -> 200 {"status", "stdout", "stderr", "exit_code"}
-                  -> 400 bad request, 413 body too large, 429 all slots busy, 500 internal
-    GET  /health  -> 200 {"status": "ok", "busy", "capacity", "rejected", "served", ...}
+                  -> 400 bad request, 401 missing or wrong token, 413 body too large,
+                     429 queue full or no slot within the wait (Retry-After), 500 internal
+    GET  /health  -> 200 {"status": "ok", "busy", "queued", "capacity", "rejected", "served", ...}
+    GET  /metrics -> 200 Prometheus text format (401 without the token, when one is set)
 
 A stdlib ``ThreadingHTTPServer``: one thread per connection, while a pool of slots
 (``Limits.max_concurrency``) bounds how many programs run at once. A request finding no
-free slot is answered 429 at once rather than queued, so the client's backoff, not the
-server's memory, absorbs bursts, and a fleet behind a load balancer sheds load evenly.
+free slot waits in a bounded FIFO queue (``rlpost.sandbox.admission``) for at most
+``max_queue_wait_s`` and never past its own ``timeout_s``; only a full queue or an
+expired wait is answered 429, so a burst a little wider than the slots is absorbed here
+rather than bounced to every client's backoff. Every request gets exactly one answer.
+
+With a token set, ``/run`` and ``/metrics`` need ``Authorization: Bearer TOKEN``
+(compared in constant time); ``/health`` stays open for load-balancer probes and shows
+only counters. A server bound beyond loopback refuses to start without a token.
 """
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
+import math
 import os
-import queue
 import signal
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from rlpost.errors import SandboxError
+from rlpost.sandbox.admission import QUEUE_FULL, WAIT_EXPIRED, SlotPool
+from rlpost.sandbox.metrics import Metrics
 from rlpost.sandbox.runner import BASE_UID, Sandbox
 from rlpost.sandbox.types import Limits, RunRequest
 
 
 class SandboxHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    # The listen backlog. socketserver's default of 5 overflows under a burst of a few
+    # dozen connects, and the kernel then resets connections the client already sent
+    # its request on: a request answered by nobody. (The kernel caps it at somaxconn.)
+    request_queue_size = 1024
 
-    def __init__(self, address: tuple[str, int], sandbox: Sandbox):
+    def __init__(
+        self,
+        address: tuple[str, int],
+        sandbox: Sandbox,
+        *,
+        max_queue: int = 0,
+        max_queue_wait_s: float = 30.0,
+        token: str | None = None,
+    ):
         super().__init__(address, _Handler)
         self.sandbox = sandbox
-        self.slots: queue.SimpleQueue[int] = queue.SimpleQueue()
-        for slot in range(sandbox.limits.max_concurrency):
-            self.slots.put(slot)
-        self.lock = threading.Lock()
-        self.counters = {"busy": 0, "served": 0, "rejected": 0}
+        self.pool = SlotPool(sandbox.limits.max_concurrency, max_queue)
+        self.max_queue_wait_s = max_queue_wait_s
+        self.token = token.encode() if token else None
+        self.metrics = Metrics()
 
-    def count(self, key: str, delta: int = 1) -> None:
-        with self.lock:
-            self.counters[key] += delta
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hung up (reset, broken pipe) is its own business, not a traceback on stderr.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+    def authorized(self, header: str | None) -> bool:
+        if self.token is None:
+            return True
+        given = (header or "").removeprefix("Bearer ").encode()
+        return hmac.compare_digest(given, self.token)  # constant time: no timing oracle on the token
+
+    def retry_after_s(self) -> int:
+        """Seconds until a slot is likely free: the queue ahead drained at the mean run time."""
+        busy, queued = self.pool.usage()
+        hist = self.metrics.run_seconds
+        mean = hist.total / hist.n if hist.n else 1.0
+        return max(1, math.ceil(mean * (queued + 1) / self.pool.capacity))
 
     def health(self) -> dict[str, Any]:
-        with self.lock:
-            counters = dict(self.counters)
-        return {"status": "ok", "capacity": self.sandbox.limits.max_concurrency, **counters, **self.sandbox.describe()}
+        busy, queued = self.pool.usage()
+        return {"status": "ok", "capacity": self.pool.capacity, "max_queue": self.pool.max_queue, "busy": busy,
+                "queued": queued, **self.metrics.summary(), **self.sandbox.describe()}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -67,16 +105,41 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _reply_text(self, code: int, text: str) -> None:
+        data = text.encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _refuse_unauthorized(self) -> bool:
+        if self.server.authorized(self.headers.get("Authorization")):
+            return False
+        self.server.metrics.outcome("unauthorized")
+        self.close_connection = True  # a POST body stays unread
+        self._reply(401, {"error": "missing or wrong bearer token (Authorization: Bearer ...)"},
+                    {"WWW-Authenticate": "Bearer"})
+        return True
+
     def do_GET(self) -> None:  # noqa: N802 - stdlib naming
         if self.path == "/health":
             self._reply(200, self.server.health())
+        elif self.path == "/metrics":
+            if not self._refuse_unauthorized():
+                busy, queued = self.server.pool.usage()
+                self._reply_text(200, self.server.metrics.prometheus(
+                    busy, queued, self.server.pool.capacity, self.server.pool.max_queue))
         else:
-            self._reply(404, {"error": f"no route GET {self.path}; try GET /health or POST /run"})
+            self._reply(404, {"error": f"no route GET {self.path}; try GET /health, GET /metrics or POST /run"})
 
     def do_POST(self) -> None:  # noqa: N802
         if self.path != "/run":
             self._reply(404, {"error": f"no route POST {self.path}; try POST /run"})
             return
+        if self._refuse_unauthorized():
+            return
+        metrics = self.server.metrics
         limits = self.server.sandbox.limits
         try:
             length = int(self.headers.get("Content-Length") or 0)
@@ -84,34 +147,49 @@ class _Handler(BaseHTTPRequestHandler):
             length = -1
         if length < 0:
             self.close_connection = True
+            metrics.outcome("bad_request")
             self._reply(400, {"error": "a valid Content-Length header is required"})
             return
         if length > 2 * (limits.max_code_bytes + limits.max_stdin_bytes) + 4096:
             self.close_connection = True  # the body stays unread
+            metrics.outcome("bad_request")
             self._reply(413, {"error": f"body of {length} bytes is too large"})
             return
         try:
             request = RunRequest.parse(json.loads(self.rfile.read(length) or b"null"), limits)
         except ValueError as e:  # json.JSONDecodeError is a ValueError too
+            metrics.outcome("bad_request")
             self._reply(400, {"error": str(e)})
             return
-        try:
-            slot = self.server.slots.get_nowait()
-        except queue.Empty:
-            self.server.count("rejected")
-            self._reply(429, {"error": "all sandbox slots are busy"}, {"Retry-After": "1"})
+        queued_at = time.monotonic()
+        slot = self.server.pool.acquire(min(self.server.max_queue_wait_s, request.timeout_s))
+        if slot in (QUEUE_FULL, WAIT_EXPIRED):
+            metrics.outcome(str(slot))
+            why = "the queue is full" if slot == QUEUE_FULL else "no slot freed up within the request's wait"
+            self._reply(429, {"error": f"all sandbox slots are busy and {why}"},
+                        {"Retry-After": str(self.server.retry_after_s())})
             return
-        self.server.count("busy")
+        assert isinstance(slot, int)
+        started = time.monotonic()
         try:
             result = self.server.sandbox.run(request, slot)
         except Exception as e:  # noqa: BLE001 - an infrastructure fault is a 500, the client retries
+            metrics.outcome("internal_error")
             self._reply(500, {"error": f"{type(e).__name__}: {e}"})
             return
         finally:
-            self.server.count("busy", -1)
-            self.server.slots.put(slot)
-        self.server.count("served")
+            self.server.pool.release(slot)
+        metrics.ran(result.status, time.monotonic() - started, started - queued_at)
         self._reply(200, result.to_json())
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
 
 
 def serve(
@@ -120,14 +198,27 @@ def serve(
     limits: Limits = Limits(),
     python: str | None = None,
     base_uid: int = BASE_UID,
+    *,
+    max_queue: int = 32,
+    max_queue_wait_s: float = 30.0,
+    token: str | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT. Prints ``listening on http://HOST:PORT`` once ready
-    (the real port when ``port=0``)."""
+    (the real port when ``port=0``). Refuses to bind beyond loopback without a token."""
+    if not token and not is_loopback(host):
+        raise SandboxError(
+            f"refusing to serve on {host} without a token: anyone who reaches the port could run code. "
+            "Set RLPOST_SANDBOX_TOKEN or pass --token-file PATH (clients send it as a bearer token), "
+            "or bind to 127.0.0.1."
+        )
+    if max_queue < 0 or not max_queue_wait_s > 0:
+        raise SandboxError(f"max_queue must be >= 0 and max_queue_wait_s > 0, got {max_queue}, {max_queue_wait_s}")
     sandbox = Sandbox(limits, python, base_uid)
     check = sandbox.run(RunRequest("print(6 * 7)", timeout_s=10.0))
     if check.status != "ok" or check.stdout != "42\n":
         raise SandboxError(f"the sandbox cannot run a trivial program on this host: {check}")
-    httpd = SandboxHTTPServer((host, port), sandbox)
+    httpd = SandboxHTTPServer((host, port), sandbox, max_queue=max_queue, max_queue_wait_s=max_queue_wait_s,
+                              token=token)
     # shutdown() must come from another thread than serve_forever's.
     stop = lambda *_: threading.Thread(target=httpd.shutdown, daemon=True).start()  # noqa: E731
     signal.signal(signal.SIGTERM, stop)

@@ -18,6 +18,9 @@ from rlpost.errors import SandboxError
 # including a non-zero exit and output past the output limit.
 STATUSES = ("ok", "timeout", "memory", "error")
 
+# The bearer token: the server requires it when set, the client sends it when set.
+TOKEN_ENV = "RLPOST_SANDBOX_TOKEN"
+
 
 @dataclass(frozen=True)
 class RunResult:

@@ -44,7 +44,8 @@ def start_cluster(cfg: RunConfig) -> bool:
         return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     env = {k: os.environ.get(k, v) for k, v in ACTOR_ENV.items()}
-    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "RLPOST_CACHE", "WANDB_MODE", "PYTHONPATH"):
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "RLPOST_CACHE", "WANDB_MODE", "PYTHONPATH",
+                "RLPOST_SANDBOX_TOKEN"):  # env actors' sandbox clients send it
         if key in os.environ:
             env[key] = os.environ[key]
     if cfg.ray.address:

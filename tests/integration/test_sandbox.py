@@ -33,7 +33,9 @@ SLACK_S = 5.0  # containment bound beyond the run's own timeout; generous for a 
 @pytest.fixture(scope="module")
 def server():
     env = dict(os.environ, RLPOST_SANDBOX_TEST_SECRET=SECRET)
-    proc, url = start_local(env=env, args=["--max-concurrency", str(CONCURRENCY), "--output-limit-kb", "64"])
+    # --max-queue 0: the refusal test below needs a full server to answer 429 at once.
+    proc, url = start_local(env=env, args=["--max-concurrency", str(CONCURRENCY), "--output-limit-kb", "64",
+                                           "--max-queue", "0"])
     yield proc, url
     stop_local(proc)
     assert proc.returncode == 0  # SIGTERM is a clean shutdown
