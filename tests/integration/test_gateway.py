@@ -51,15 +51,15 @@ class RecordingGroup:
 class ScriptedGroup:
     """Two replicas that reply with the next scripted token ids (EOS appended), version 3."""
 
-    def __init__(self, tokenizer, replies):
-        self.tokenizer, self.replies, self.calls = tokenizer, deque(replies), []
+    def __init__(self, tokenizer, replies, eos=True):
+        self.tokenizer, self.replies, self.calls, self.eos = tokenizer, deque(replies), [], eos
 
     size = 2
 
     def generate(self, prompts, params, replica=None):
-        ids = list(self.replies.popleft()) + [self.tokenizer.eos_token_id]
+        ids = list(self.replies.popleft()) + ([self.tokenizer.eos_token_id] if self.eos else [])
         done = Completion(tuple(ids), tuple(-0.5 - i for i in range(len(ids))),
-                          self.tokenizer.decode(ids, skip_special_tokens=True), "stop", 3)
+                          self.tokenizer.decode(ids, skip_special_tokens=True), "stop" if self.eos else "length", 3)
         self.calls.append((replica, list(prompts[0]), done))
         return [[done] for _ in prompts]
 
@@ -166,6 +166,28 @@ def test_malformed_tool_call_is_plain_content_and_counted(tool_tokenizer):
             model="x", messages=[{"role": "user", "content": "hi"}], tools=TOOLS)
         assert r.choices[0].message.content == bad and not r.choices[0].message.tool_calls
         assert httpx.get(gw.url + "/metrics").json()["gateway/malformed_tool_calls"] == 1
+
+
+def test_reply_without_eos_is_closed_unsampled_and_tool_choice_none_parses_nothing(tool_tokenizer):
+    tok = tool_tokenizer
+    call = '<tool_call>{"name": "python", "arguments": {}}</tool_call>'
+    first, second = tok.encode(call, add_special_tokens=False), tok.encode("9", add_special_tokens=False)
+    group = ScriptedGroup(tok, [first, second], eos=False)
+    with GatewayServer(group, tok) as gw:
+        sid, base_url = gw.new_session()
+        client = _client(base_url)
+        messages = [{"role": "user", "content": "go"}]
+        r = client.chat.completions.create(model="x", messages=messages, tools=TOOLS, tool_choice="none")
+        assert r.choices[0].message.content == call and r.choices[0].finish_reason == "length"
+        messages += [{"role": "assistant", "content": call}, {"role": "user", "content": "again"}]
+        client.chat.completions.create(model="x", messages=messages, tools=TOOLS, tool_choice="none")
+        [sample] = gw.export(sid)
+    renderer = ChatRenderer(tok)
+    obs = renderer.observation_ids([{"role": "user", "content": "again"}])
+    # tool_choice="none": the tools are not rendered either, so the opening is the plain one.
+    opening = renderer.opening_ids(messages[:1], [])
+    assert list(sample.token_ids) == opening + first + [tok.eos_token_id] + obs + second
+    assert list(sample.loss_mask) == [0] * len(opening) + [1] * len(first) + [0] * (1 + len(obs)) + [1] * len(second)
 
 
 def test_rewritten_history_is_a_counted_branch(tool_tokenizer):
