@@ -22,6 +22,7 @@ branch is kept and exported, and ``branches`` counts the rewrites.
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,8 +126,6 @@ class Session:
     ``lock`` around plan + sample + commit."""
 
     def __init__(self, session_id: str, replica: int, renderer: ChatRenderer):
-        import threading
-
         self.id, self.replica, self.renderer = session_id, replica, renderer
         self.lock = threading.Lock()
         self.done: list[Branch] = []
