@@ -68,8 +68,11 @@ class RolloutGroupLike(Protocol):
     @property
     def size(self) -> int: ...
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        """``params.n`` completions per prompt, in prompt order."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 replica: int | None = None) -> list[list[Completion]]:
+        """``params.n`` completions per prompt, in prompt order. ``replica=None`` spreads the
+        prompts over every replica; an index runs them all on that replica (the gateway
+        keeps a session on one replica so its prefix cache stays warm)."""
         ...
 
     def policy_versions(self) -> list[int]: ...

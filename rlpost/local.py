@@ -30,7 +30,7 @@ from rlpost.config.schema import RewardConfig
 from rlpost.engines.base import LossFn, RolloutEngine, TrainEngine
 from rlpost.errors import ConfigError, WorkerError
 from rlpost.rewards.api import load_reward_fn, score_batch
-from rlpost.sharding import replica_sampling_params, split_contiguous
+from rlpost.sharding import check_replica, replica_sampling_params, split_contiguous
 from rlpost.types import Completion, Reward, SamplingParams, TrainBatch
 
 # (prompt, completion, ground_truth, metadata), the reward function's arguments.
@@ -127,10 +127,15 @@ class LocalRolloutGroup:
     def size(self) -> int:
         return len(self.engines)
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 replica: int | None = None) -> list[list[Completion]]:
         """``params.n`` completions per prompt, in prompt order. Prompts are split into
         contiguous chunks, one per replica, each replica sampling with its own seed
-        (``rlpost.sharding``), exactly as ``RolloutGroup.generate`` does."""
+        (``rlpost.sharding``), exactly as ``RolloutGroup.generate`` does; ``replica``
+        runs them all on that one replica (with its seed)."""
+        if replica is not None:
+            check_replica(replica, self.size)
+            return self.engines[replica].generate(prompts, replica_sampling_params(params, replica))
         parts = split_contiguous(prompts, self.size)
         return [group
                 for replica, (engine, part) in enumerate(zip(self.engines, parts))

@@ -40,3 +40,9 @@ def replica_sampling_params(params: SamplingParams, replica: int) -> SamplingPar
     what the uninterrupted one did). ``seed=None`` is left to each engine's generator.
     """
     return params if params.seed is None else replace(params, seed=params.seed * 1009 + replica)
+
+
+def check_replica(replica: int, size: int) -> None:
+    """Raise ``ValueError`` unless ``replica`` indexes one of ``size`` replicas."""
+    if not 0 <= replica < size:
+        raise ValueError(f"replica {replica} does not exist: this group has replicas 0..{size - 1}")

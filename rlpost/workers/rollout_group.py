@@ -26,7 +26,7 @@ import torch
 from rlpost.config.schema import RunConfig
 from rlpost.errors import WorkerError
 from rlpost.faults import FaultCounts
-from rlpost.sharding import replica_sampling_params, split_contiguous
+from rlpost.sharding import check_replica, replica_sampling_params, split_contiguous
 from rlpost.types import Completion, SamplingParams
 from rlpost.workers.cluster import quiet_actor_logs, wait
 from rlpost.workers.placement import GroupPlacement, actor_device
@@ -130,13 +130,19 @@ class RolloutGroup:
         registers itself here (a rebuilt link replaces the old one)."""
         self._resync = resync
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        """``params.n`` completions per prompt, in prompt order (split across replicas).
-        Chunks lost to a dead replica are re-run on its replacement."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 replica: int | None = None) -> list[list[Completion]]:
+        """``params.n`` completions per prompt, in prompt order (split across replicas, or
+        all on ``replica`` when given). Chunks lost to a dead replica are re-run on its
+        replacement."""
         self.before_generate()
-        parts = split_contiguous(prompts, self.size)
-        results: list = [None] * self.size
-        todo = list(range(self.size))
+        if replica is None:
+            parts = dict(enumerate(split_contiguous(prompts, self.size)))
+        else:
+            check_replica(replica, self.size)
+            parts = {replica: prompts}
+        results: dict[int, list] = {}
+        todo = list(parts)
         while todo:
             refs = {i: self.actors[i].generate.remote(parts[i], replica_sampling_params(params, i)) for i in todo}
             lost, last_err = [], None
@@ -152,7 +158,7 @@ class RolloutGroup:
                 self.replace(lost, f"rollout replicas {lost} died during generate ({last_err.__class__.__name__})")
                 self.faults.add("rollout/requests_retried", len(lost))
             todo = lost
-        return [group for result in results for group in result]
+        return [group for i in sorted(results) for group in results[i]]
 
     def replace(self, replicas: list[int], reason: str) -> None:
         """Start fresh actors in the slots of dead ``replicas``, then resync weights.
