@@ -1,7 +1,7 @@
 """Per-session token bookkeeping: exact token-in/token-out for agent conversations.
 
 A session is one agent episode. Its token sequence is built like
-``rlpost.multiturn``'s episodes and with the same renderer (``rlpost.envs.chat``):
+``rlpost.rollout.multiturn``'s episodes and with the same renderer (``rlpost.envs.chat``):
 
     opening_ids(first request's messages, tools)      loss mask 0
     + the ids the sampler returned for the reply       loss mask 1, sampler log-probs
