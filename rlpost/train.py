@@ -35,25 +35,13 @@ def cache_root() -> Path:
 
 def run(cfg: RunConfig) -> dict:
     """Train according to ``cfg``; returns the metrics of the last step."""
-    import torch
-
+    # Only what starting Ray needs is imported before it starts: torch and the modules
+    # that use it load in the background thread and then here, while Ray comes up.
     from rlpost.checkpoint import CheckpointManager, read_state, resolve_resume
-    from rlpost.controller import Controller
     from rlpost.data.dataset import load_prompts
-    from rlpost.data.stream import PromptStream
-    from rlpost.faults import FaultCounts
-    from rlpost.engines import resolve_rollout_engine
     from rlpost.models.loading import load_tokenizer, resolve_model_path
-    from rlpost.supervisor import TrainerParts, TrainerSupervisor
-    from rlpost.tracking import Tracker
     from rlpost.workers.cluster import cluster_terminator, start_cluster, stop_cluster
-    from rlpost.workers.placement import resolve_placement
-    from rlpost.workers.reward_pool import RewardPool
-    from rlpost.workers.rollout_group import RolloutGroup
-    from rlpost.workers.trainer_group import TrainerGroup
-    from rlpost.workers.weight_sync_link import WeightSyncLink
 
-    torch.set_num_threads(1)
     # The built-in model is built once with its own fixed seed, not the run seed: a
     # different run seed should not cost a rebuild.
     model_path = resolve_model_path(cfg.model.path)
@@ -104,6 +92,21 @@ def run(cfg: RunConfig) -> dict:
     launched = []  # the first trainer group, started early; the supervisor takes it
     tracker = None
     try:
+        import torch
+
+        from rlpost.controller import Controller
+        from rlpost.data.stream import PromptStream
+        from rlpost.engines import resolve_rollout_engine
+        from rlpost.faults import FaultCounts
+        from rlpost.supervisor import TrainerParts, TrainerSupervisor
+        from rlpost.tracking import Tracker
+        from rlpost.workers.placement import resolve_placement
+        from rlpost.workers.reward_pool import RewardPool
+        from rlpost.workers.rollout_group import RolloutGroup
+        from rlpost.workers.trainer_group import TrainerGroup
+        from rlpost.workers.weight_sync_link import WeightSyncLink
+
+        torch.set_num_threads(1)
         # GPU counts from the cluster (never the driver's hardware), so config.yaml and
         # the tracker record what the actors asked for.
         accelerator = resolve_placement(cfg)

@@ -59,6 +59,13 @@ from rlpost.algorithms.loss_fn import (
     value_loss_fn,
 )
 from rlpost.algorithms.losses import POLICY_LOSSES, cispo, clipped_value_loss, gspo, ppo_clip, ppo_clip_loss
+from rlpost.config import schema as _schema
+
+# Config validation checks names against rlpost.config.schema's copies (no torch there).
+for _registry, _names in ((POLICY_LOSSES, _schema.POLICY_LOSSES), (KL_ESTIMATORS, _schema.KL_ESTIMATORS),
+                          (LOSS_AGGREGATIONS, _schema.LOSS_AGGREGATIONS)):
+    if sorted(_registry) != sorted(_names):
+        raise RuntimeError(f"rlpost.config.schema lists {sorted(_names)} where the registry has {sorted(_registry)}")
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS", "OUTCOME_ADVANTAGE_ESTIMATORS", "TOKEN_ADVANTAGE_ESTIMATORS",

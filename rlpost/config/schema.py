@@ -11,6 +11,13 @@ from dataclasses import dataclass, field
 
 from rlpost.errors import ConfigError
 
+# The names of rlpost.algorithms' registries a config may pick, here so that validating a
+# config imports no torch (the command starts Ray while torch loads); rlpost.algorithms
+# checks at import that its registries hold exactly these names.
+POLICY_LOSSES = ("ppo_clip", "gspo", "cispo")
+KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
 
 def _require(cond: bool, key: str, msg: str) -> None:
     if not cond:
@@ -267,8 +274,6 @@ class AlgorithmConfig:
     tis_cap: float | None = None
 
     def check(self) -> None:
-        from rlpost.algorithms import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
-
         runnable = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax", "gae")
         _require(self.adv_estimator in runnable, "algorithm.adv_estimator",
                  f"must be one of {list(runnable)}, got {self.adv_estimator!r}")
