@@ -35,26 +35,13 @@ def cache_root() -> Path:
 
 def run(cfg: RunConfig) -> dict:
     """Train according to ``cfg``; returns the metrics of the last step."""
-    import torch
-
-    from rlpost.algorithms import make_algorithm
+    # Only what starting Ray needs is imported before it starts: torch and the modules
+    # that use it load in the background thread and then here, while Ray comes up.
     from rlpost.checkpoint import CheckpointManager, read_state, resolve_resume
-    from rlpost.step.controller import Controller
     from rlpost.data.dataset import load_prompts
-    from rlpost.data.stream import PromptStream
-    from rlpost.faults import FaultCounts
-    from rlpost.engines import resolve_rollout_engine
     from rlpost.models.loading import load_tokenizer, resolve_model_path
-    from rlpost.step.supervisor import TrainerParts, TrainerSupervisor
-    from rlpost.tracking import Tracker
     from rlpost.workers.cluster import cluster_terminator, start_cluster, stop_cluster
-    from rlpost.workers.placement import resolve_placement
-    from rlpost.workers.reward_pool import RewardPool
-    from rlpost.workers.rollout_group import RolloutGroup
-    from rlpost.workers.trainer_group import TrainerGroup
-    from rlpost.workers.weight_sync_link import WeightSyncLink
 
-    torch.set_num_threads(1)
     # The built-in model is built once with its own fixed seed, not the run seed: a
     # different run seed should not cost a rebuild.
     model_path = resolve_model_path(cfg.model.path)
@@ -64,39 +51,64 @@ def run(cfg: RunConfig) -> dict:
     print(f"rlpost: run directory {out}; threads per trainer rank {cfg.trainer.threads}, per rollout "
           f"replica {cfg.rollout.threads}", flush=True)
 
-    tokenizer = load_tokenizer(model_path)
-    data_dir = cache_root() / "data"
-
-    def load_data():
-        train, train_report = load_prompts(cfg.data, tokenizer, "train", seed=cfg.seed, data_dir=data_dir)
-        val, val_report = load_prompts(cfg.data, tokenizer, "val", seed=cfg.seed, data_dir=data_dir)
-        print(f"rlpost: train data {train_report.summary()}; val data {val_report.summary()}", flush=True)
-        return train, val
-
-    # Templating thousands of prompts, and building the model on the meta device to count
-    # its parameters, take seconds: done while Ray and the actors start.
-    background = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="rlpost-start")
-    data = background.submit(load_data)
-    n_params = background.submit(_matmul_params, cfg, model_path)
-    background.shutdown(wait=False)
-
     checkpoints = CheckpointManager(out / "checkpoints", cfg.trainer.keep_last)
     resume_from = resolve_resume(cfg.resume, checkpoints)
     state = read_state(resume_from) if resume_from else None
     if state and state.step >= cfg.trainer.total_steps and (out / "final").is_dir():
         print(f"rlpost: {out} already finished {state.step} steps; nothing to do", flush=True)
-        data.cancel()
-        n_params.cancel()
         return {}
 
-    algorithm = make_algorithm(cfg.algorithm)  # what the run needs: reference, critic
-    use_reference = algorithm.needs_reference
-    started = start_cluster(cfg)
+    # Start-up order (docs/architecture.md, "Start-up"): what the driver needs only later
+    # is built in background threads while Ray and the actors start; the actors are
+    # created before anything waits for one, the trainer first (its start is the longest).
+    clock = _StartClock()
+    data_dir = cache_root() / "data"
+
+    def load_data():
+        tokenizer = load_tokenizer(model_path)
+        train, train_report = load_prompts(cfg.data, tokenizer, "train", seed=cfg.seed, data_dir=data_dir)
+        val, val_report = load_prompts(cfg.data, tokenizer, "val", seed=cfg.seed, data_dir=data_dir)
+        clock.mark("prompts")
+        print(f"rlpost: train data {train_report.summary()}; val data {val_report.summary()}", flush=True)
+        return tokenizer, train, val
+
+    # One thread, one job after the other: the work holds the GIL anyway, and two threads
+    # importing transformers at once can see it half-initialised ("cannot import name").
+    background = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rlpost-start")
+    data = background.submit(load_data)
+    n_params = background.submit(_matmul_params, cfg, model_path)  # the meta-device model
+    background.shutdown(wait=False)
+
+    try:
+        started = start_cluster(cfg)
+    except BaseException:
+        _cancel(data, n_params)
+        raise
+    clock.mark("Ray")
     # After ray.init, which may install its own; a second Ctrl-C ends the Ray instance we started.
     stop_flag = _install_stop_handlers(cluster_terminator() if started else lambda: None)
     groups = []
+    launched = []  # the first trainer group, started early; the supervisor takes it
     tracker = None
     try:
+        import torch
+
+        from rlpost.algorithms import make_algorithm
+        from rlpost.step.controller import Controller
+        from rlpost.data.stream import PromptStream
+        from rlpost.engines import resolve_rollout_engine
+        from rlpost.faults import FaultCounts
+        from rlpost.step.supervisor import TrainerParts, TrainerSupervisor
+        from rlpost.tracking import Tracker
+        from rlpost.workers.placement import resolve_placement
+        from rlpost.workers.reward_pool import RewardPool
+        from rlpost.workers.rollout_group import RolloutGroup
+        from rlpost.workers.trainer_group import TrainerGroup
+        from rlpost.workers.weight_sync_link import WeightSyncLink
+
+        torch.set_num_threads(1)
+        algorithm = make_algorithm(cfg.algorithm)  # what the run needs: reference, critic
+        use_reference = algorithm.needs_reference
         # GPU counts from the cluster (never the driver's hardware), so config.yaml and
         # the tracker record what the actors asked for.
         accelerator = resolve_placement(cfg)
@@ -108,7 +120,6 @@ def run(cfg: RunConfig) -> dict:
         print(f"rlpost: placement: trainer {cfg.trainer.gpus_per_rank} GPU/rank, rollout "
               f"{cfg.rollout.gpus_per_replica} GPU/replica; rollout engine {cfg.rollout.engine}", flush=True)
         peak = _peak(cfg, accelerator)  # before any actor starts: on CPU it times the cores
-        tracker = Tracker(cfg.logger, out, cfg.trainer.total_steps, to_dict(cfg))
         faults = FaultCounts()  # failures survived (replaced actors, trainer rebuilds), logged every step
         placement = None
         if cfg.rollout.colocate:  # GPU only: trainer rank i and replica i share GPU i
@@ -116,6 +127,7 @@ def run(cfg: RunConfig) -> dict:
 
             placement = ColocatedPlacement(cfg.trainer.world_size)
             groups.append(placement)  # shut down last: after every actor placed in it
+        launched.append(TrainerGroup(cfg, model_path, with_reference=use_reference, placement=placement))
         rollout = RolloutGroup(cfg, model_path, faults, placement=placement)
         groups.append(rollout)
         rewards = RewardPool(cfg.reward, faults)
@@ -127,20 +139,24 @@ def run(cfg: RunConfig) -> dict:
 
             envs = EnvPool(cfg.env, *env_factory(cfg), faults)
             groups.append(envs)
-        train, val = data.result()  # the actors keep loading meanwhile
+        tracker = Tracker(cfg.logger, out, cfg.trainer.total_steps, to_dict(cfg))
         # Asked for when the first controller is made, so the trainer need not wait for it.
         step_perf = functools.cache(lambda: _step_perf(cfg, n_params.result(), *peak))
 
         # The trainer group, its weight-sync link and PPO's critic are built (and, after
         # a trainer or critic rank dies, rebuilt) by the supervisor; see rlpost.step.supervisor.
         def build_trainer() -> TrainerParts:
-            trainer = TrainerGroup(cfg, model_path, with_reference=use_reference, placement=placement)
+            trainer = launched.pop() if launched else TrainerGroup(cfg, model_path, with_reference=use_reference,
+                                                                   placement=placement)
             critic = None
             try:
+                trainer.wait_ready()
+                clock.mark("trainer")
                 trainer.check_run_dir(out)  # checkpoints need a filesystem the driver shares
                 # Waited for only now (no time limit: vLLM on a busy machine can take
                 # minutes), so the replicas loaded while the trainer did.
                 print(f"rlpost: rollout replica pids {rollout.pids()}", flush=True)
+                clock.mark("rollout")
                 if placement is not None:  # CUDA IPC through vLLM's weight-transfer engine
                     from rlpost.workers.colocation import ColocatedWeightSync
 
@@ -149,6 +165,7 @@ def run(cfg: RunConfig) -> dict:
                     rollout.before_generate = weight_sync.phases.to_rollout
                 else:
                     weight_sync = WeightSyncLink(trainer, rollout, cfg.weight_sync.timeout_s)
+                clock.mark("weight sync")
                 print(f"rlpost: trainer rank pids {trainer.pids()}", flush=True)
                 if algorithm.needs_critic:  # PPO: the value model in its own actors
                     from rlpost.workers.critic_group import CriticGroup
@@ -161,7 +178,9 @@ def run(cfg: RunConfig) -> dict:
             return TrainerParts(trainer, weight_sync, critic)
 
         def make_controller(parts: TrainerParts) -> Controller:
-            print(f"rlpost: components ready {time.perf_counter() - _IMPORTED:.1f}s after start", flush=True)
+            tokenizer, train, val = data.result()
+            print(f"rlpost: components ready {time.perf_counter() - _IMPORTED:.1f}s after start "
+                  f"({clock.describe()})", flush=True)
             stream = PromptStream(train, cfg.data.train_batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
             return Controller(cfg, trainer=parts.trainer, rollout=rollout, rewards=rewards,
                               weight_sync=parts.weight_sync, stream=stream,
@@ -181,11 +200,34 @@ def run(cfg: RunConfig) -> dict:
         tracker.message(f"rlpost: final policy exported to {out / 'final'}")
         return last
     finally:
+        _cancel(data, n_params)
         if tracker is not None:
             tracker.close()
+        for trainer in launched:  # started but never handed to the supervisor
+            trainer.kill()
         for group in reversed(groups):
             group.shutdown()
         stop_cluster(started)
+
+
+class _StartClock:
+    """Seconds from the command's start to each start-up milestone, for the
+    "components ready" line (how long each part took to be there)."""
+
+    def __init__(self):
+        self.marks: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = time.perf_counter() - _IMPORTED
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} at {t:.1f}s" for name, t in sorted(self.marks.items(), key=lambda kv: kv[1]))
+
+
+def _cancel(*futures: concurrent.futures.Future) -> None:
+    """Cancel start-up work not begun yet; work already running finishes in its thread."""
+    for future in futures:
+        future.cancel()
 
 
 def _matmul_params(cfg: RunConfig, model_path: str) -> int:

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    # Imported where tensors are handled, not here: the reward and environment actors
+    # use these types without tensors, and importing torch costs each of them about
+    # 2 s of CPU at start-up (docs/performance.md, "Start-up on the tiny model").
+    import torch
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,8 @@ class TrainBatch:
 
     def select(self, index: slice | torch.Tensor | list[int]) -> "TrainBatch":
         """Rows ``index`` of every tensor field; scalars are kept."""
+        import torch
+
         kwargs = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -131,6 +137,8 @@ class TrainBatch:
 
     def trim(self) -> "TrainBatch":
         """Drop trailing columns that are padding in every row."""
+        import torch
+
         length = int(self.attention_mask.sum(dim=1).max().item()) if self.size else 0
         kwargs = {}
         for f in dataclasses.fields(self):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import ray
 
@@ -59,12 +60,32 @@ def start_cluster(cfg: RunConfig) -> bool:
         # address="local": always a new instance of our own. With address=None Ray
         # joins whatever RAY_ADDRESS or /tmp/ray/ray_current_cluster (left by any `ray
         # start` on this machine, even a killed one) points at, and then refuses num_cpus.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
-                 log_to_driver=True, configure_logging=False)
+        # The actors' environment is the environment the Ray processes start with (workers
+        # inherit the raylet's), not a job runtime_env: with one, the workers Ray starts
+        # ahead for the driver cannot serve the actors (their runtime env differs), so every
+        # actor waited for a fresh process while those burnt CPU (docs/performance.md).
+        with _environ(env):
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+                     configure_logging=False)
     how = "joined" if cfg.ray.address else "started"
     print(f"rlpost: {how} Ray cluster at {ray.get_runtime_context().gcs_address} "
           f"({len(ray.nodes())} node(s), {describe_resources(ray.cluster_resources())})", flush=True)
     return True
+
+
+@contextlib.contextmanager
+def _environ(env: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` updated with ``env`` inside the block, restored after it."""
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def describe_resources(resources: dict) -> str:

@@ -123,13 +123,13 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def started_devices(actors: list, what: str) -> list[str]:
-    """Ask every actor for its device (``actor.device()``) once it has started: the
-    start-up check in ``actor_device`` surfaces here as a ``WorkerError`` with the
-    actor's own message, not as a lost rank to rebuild. No time limit: an engine may
-    take minutes to load; a failing actor answers at once."""
+def started_devices(actors: list, what: str, refs: list | None = None) -> list[str]:
+    """Ask every actor for its device (``actor.device()``; ``refs``: those calls, made
+    already) once it has started: the start-up check in ``actor_device`` surfaces here
+    as a ``WorkerError`` with the actor's own message, not as a lost rank to rebuild.
+    No time limit: an engine may take minutes to load; a failing actor answers at once."""
     try:
-        return ray.get([a.device.remote() for a in actors])
+        return ray.get(refs if refs is not None else [a.device.remote() for a in actors])
     except ray.exceptions.RayTaskError as err:  # raised by device()
         raise WorkerError(f"{what}: {err.cause}") from None
     except ray.exceptions.RayActorError as err:  # died in __init__

@@ -161,6 +161,10 @@ _SHARED_FS = ("The run directory (output_dir) must be one filesystem shared by t
 
 
 class TrainerGroup:
+    """Construction creates the ranks and queues their start-up (device check,
+    rendezvous, engine load) without waiting, so the driver can start the other
+    groups meanwhile; ``wait_ready()`` blocks until every rank has loaded."""
+
     def __init__(self, cfg: RunConfig, model_path: str, with_reference: bool, placement=None):
         self.cfg = cfg
         self.world_size = cfg.trainer.world_size
@@ -178,11 +182,23 @@ class TrainerGroup:
         # Called before any trainer compute; colocation points it at "put vLLM to sleep".
         self.before_compute = lambda: None
         self._plan = None
+        self.devices = None
+        # Queued at once (an actor runs its calls in order; Ray hands setup the
+        # rendezvous answer when it is ready): no driver round trip between the steps.
+        self._device_refs = [a.device.remote() for a in self.actors]
+        self._master_ref = self.actors[0].rendezvous.remote()
+        self._setup_refs = [a.setup.remote(cfg, model_path, self._master_ref, with_reference) for a in self.actors]
+
+    def wait_ready(self) -> None:
+        """Block until every rank has started and loaded its engines (no time limit for
+        the load; a rank that fails raises ``WorkerError``, a dead one ``TrainerLost``).
+        Kills the group on failure. Idempotent."""
+        if self.devices is not None:
+            return
         try:
-            self.devices = started_devices(self.actors, "trainer")
-            master = self._wait(self.actors[0].rendezvous.remote(), "trainer rendezvous", 120)
-            self._wait([a.setup.remote(cfg, model_path, master, with_reference) for a in self.actors],
-                       "trainer setup")
+            self.devices = started_devices(self.actors, "trainer", self._device_refs)
+            self._wait(self._master_ref, "trainer rendezvous", 120)
+            self._wait(self._setup_refs, "trainer setup")
         except BaseException:
             self.kill()
             raise
