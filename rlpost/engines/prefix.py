@@ -60,21 +60,23 @@ def plan(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PrefixPlan:
     # lcp[k]: common prefix of sorted rows k and k+1.
     lcp = [_common_prefix(rows[order[k]], rows[order[k + 1]]) for k in range(len(order) - 1)]
 
-    def shared(lo: int, hi: int) -> int:  # prefix of sorted rows lo..hi-1 (inclusive lo, exclusive hi)
+    def shared(lo: int, hi: int) -> int:
+        """Prefix of sorted rows lo..hi-1; 0 when they share none. A row alone runs all
+        but its last token as its "prefix" (at least 1)."""
         cap = min(lengths[order[k]] for k in range(lo, hi)) - 1
-        return max(1, min([cap] + lcp[lo:hi - 1]))
+        return max(cap, 1) if hi - lo == 1 else max(0, min([cap] + lcp[lo:hi - 1]))
 
     def best(lo: int, hi: int) -> tuple[int, list[tuple[int, int]]]:
         """(tokens saved, runs) for sorted rows lo..hi-1: one run, or split at the
-        weakest link when the two halves save more."""
-        whole = (hi - lo - 1) * shared(lo, hi)
+        weakest link when the two halves save more or the rows share nothing."""
+        p = shared(lo, hi)
         if hi - lo < 2:
-            return whole, [(lo, hi)]
+            return 0, [(lo, hi)]
         cut = min(range(lo, hi - 1), key=lambda k: lcp[k]) + 1
         left, right = best(lo, cut), best(cut, hi)
-        if left[0] + right[0] > whole:
+        if p == 0 or left[0] + right[0] > (hi - lo - 1) * p:
             return left[0] + right[0], left[1] + right[1]
-        return whole, [(lo, hi)]
+        return (hi - lo - 1) * p, [(lo, hi)]
 
     group, prefix, first = [0] * len(rows), [], []
     for g, (lo, hi) in enumerate(best(0, len(rows))[1] if rows else []):

@@ -36,6 +36,27 @@ def test_plan_splits_prompts_that_share_only_a_header():
     assert p.group == [1, 0, 1, 0] and p.prefix == [6, 4]
 
 
+def test_plan_never_groups_rows_that_share_no_token():
+    # Different first tokens: nothing to share, each row its own group running all but
+    # its last token as the prefix.
+    ids, mask = padded([[4, 5, 6, 7], [1, 2, 3]])
+    p = prefix.plan(ids, mask)
+    assert p.group == [1, 0] and p.prefix == [2, 3]
+
+
+def test_unsorted_chunks_equal_plain_forward():
+    # forward_logprobs runs chunks in row order: groups split, singletons mixed in.
+    model = tiny_qwen2().eval()
+    batch = grpo_like_batch(64, seed=3)
+    for mb in batch.chunks(3):
+        mb = mb.trim()
+        with torch.no_grad():
+            plain = microbatch.forward(model, mb, ForwardOptions(), with_entropy=True)
+            shared = microbatch.forward(model, mb, ForwardOptions(share_prompt=True), with_entropy=True)
+        torch.testing.assert_close(shared.logprobs, plain.logprobs, atol=1e-5, rtol=0)
+        torch.testing.assert_close(shared.entropy, plain.entropy, atol=1e-5, rtol=0)
+
+
 def test_split_keeps_a_prompts_rows_together():
     # Groups interleaved and split across the natural order; sorted by tokens, micro-
     # batches of 2 hold one prompt each.
