@@ -138,3 +138,18 @@ def test_shared_forward_equals_plain_forward(make_model, size, temperature, chun
         scale = g.abs().max().clamp(min=1e-6)
         torch.testing.assert_close(shared_grads[name] / scale, g / scale, atol=1e-5, rtol=0,
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("override,reason", [
+    ("trainer.packing=true", "trainer.packing"),
+    ("algorithm.name=ppo", "critic"),
+    ("model.gradient_checkpointing=true", "gradient_checkpointing"),
+])
+def test_config_refuses_what_share_prompt_cannot_run(override, reason):
+    from rlpost.config.load import load_config
+    from rlpost.errors import ConfigError
+
+    assert load_config(["trainer.share_prompt=true"]).trainer.share_prompt
+    load_config([override])  # fine without share_prompt
+    with pytest.raises(ConfigError, match=rf"trainer\.share_prompt.*{reason}"):
+        load_config(["trainer.share_prompt=true", override])

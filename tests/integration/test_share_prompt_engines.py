@@ -1,8 +1,9 @@
-"""FSDPEngine with trainer.share_prompt on a tiny random Qwen2, CPU/gloo, world 1 (this
-process) and world 2 (spawned): old log-probs, the training forward's log-probs, the
-gradient norm and the updated weights equal the plain padded forward's. World 2 checks
-that FSDP2 reduces the gradient of a model run twice (prefix, then the rest) per
-micro-batch exactly once."""
+"""Training engines with trainer.share_prompt on a tiny random Qwen2, CPU/gloo: FSDP2 at
+world 1 (this process) and world 2 (spawned), DeepSpeed ZeRO-2 and ZeRO-3 at world 1.
+Old log-probs, the training forward's log-probs, the gradient norm and the updated
+weights equal the plain padded forward's. The model runs twice (prefix, then the rest)
+per micro-batch; world 2 checks that FSDP2 still reduces each gradient once, ZeRO-3
+that its parameter gathering follows both forwards."""
 
 from __future__ import annotations
 
@@ -20,15 +21,17 @@ from tests.unit.test_share_prompt import grpo_like_batch
 pytestmark = pytest.mark.integration
 
 
-def _worker(rank, world, model_dir, out_dir):  # noqa: F811
+def _worker(rank, world, model_dir, out_dir, backend):  # noqa: F811
+    from rlpost.engines.deepspeed import DeepSpeedEngine
     from rlpost.engines.fsdp import FSDPEngine
 
     res = {}
     # 8 rows: 4 per rank at world 2; micro-batches of 3 split a prompt's completions.
     shard = grpo_like_batch(64, seed=3).shard(world)[rank]
     for share in (False, True):
-        cfg = TrainerConfig(lr=1e-2, grad_clip=1e9, micro_batch_size=3, share_prompt=share)
-        engine = FSDPEngine(model_dir, ModelConfig(path=model_dir), cfg, seed=0, logit_temperature=0.7)
+        cfg = TrainerConfig(lr=1e-2, grad_clip=1e9, micro_batch_size=3, share_prompt=share,
+                            backend="fsdp2" if backend == "fsdp2" else "deepspeed", zero_stage=3 if backend == "zero3" else 2)
+        engine = (FSDPEngine if backend == "fsdp2" else DeepSpeedEngine)(model_dir, ModelConfig(path=model_dir), cfg, seed=0, logit_temperature=0.7)
         old = engine.forward_logprobs(shard, with_entropy=True)
         metrics, train_lp = engine.train_step(shard, token_mean_loss, 3, return_logprobs=True)
         gathered = []
@@ -42,9 +45,9 @@ def _worker(rank, world, model_dir, out_dir):  # noqa: F811
         torch.save(res, os.path.join(out_dir, f"w{world}.pt"))
 
 
-@pytest.mark.parametrize("world", [1, 2])
-def test_share_prompt_train_step_equals_plain(model_dir, tmp_path, world):  # noqa: F811
-    _run_world(world, _worker, model_dir, str(tmp_path))
+@pytest.mark.parametrize("backend,world", [("fsdp2", 1), ("fsdp2", 2), ("zero2", 1), ("zero3", 1)])
+def test_share_prompt_train_step_equals_plain(model_dir, tmp_path, backend, world):  # noqa: F811
+    _run_world(world, _worker, model_dir, str(tmp_path), backend)
     res = torch.load(os.path.join(tmp_path, f"w{world}.pt"), weights_only=False)
     plain, shared = res[False], res[True]
     for key in ("old", "entropy", "train"):
