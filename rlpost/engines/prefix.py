@@ -149,5 +149,9 @@ def forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: tor
         real = attention_mask.to(torch.float32)
         return torch.where(in_prefix, from_head, from_tail) * real
 
-    return ModelOutput(logprobs=assemble(head.logprobs, tail.logprobs),
-                       entropy=assemble(head.entropy, tail.entropy) if with_entropy else None)
+    assert head.logprobs is not None and tail.logprobs is not None  # sequence_logprobs always sets them
+    entropy = None
+    if with_entropy:
+        assert head.entropy is not None and tail.entropy is not None
+        entropy = assemble(head.entropy, tail.entropy)
+    return ModelOutput(logprobs=assemble(head.logprobs, tail.logprobs), entropy=entropy)
