@@ -67,6 +67,12 @@ def test_split_keeps_a_prompts_rows_together():
     assert [mb.rows for mb in microbatch.split(batch, 2, 0, False)] == [[0, 1], [2, 3]]
 
 
+def test_token_budget_fills_in_the_given_order():
+    # Order 2, 0, 3, 1 (lengths 5, 12, 12, 9), budget 24 = rows x longest: [5, 12] costs
+    # 24, adding 12 costs 36; [12, 9] costs 24.
+    assert microbatch.plan_micro_batches([12, 9, 5, 12], 1, max_tokens=24, order=[2, 0, 3, 1]) == [[2, 0], [3, 1]]
+
+
 def tiny_qwen2():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
