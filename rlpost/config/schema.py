@@ -203,6 +203,9 @@ class TrainerConfig:
     max_tokens_per_microbatch: int = 0
     packing: bool = False  # concatenate a micro-batch's rows into one row (no padding compute)
     logprob_chunk_tokens: int = 0  # > 0: float32 log-softmax this many tokens at a time
+    # Rows with a common prefix (a prompt's completions) run it once per micro-batch
+    # (rlpost.engines.prefix); same result as the padded forward.
+    share_prompt: bool = False
     zero_stage: int = 2  # deepspeed only: ZeRO stage 1 | 2 | 3
     offload_optimizer: bool = False  # deepspeed only: optimizer state in CPU memory
     offload_params: bool = False  # deepspeed only (zero_stage 3): parameters in CPU memory
@@ -228,6 +231,9 @@ class TrainerConfig:
         _require(self.backend in ("fsdp2", "deepspeed"), "trainer.backend", f"must be fsdp2 or deepspeed, got {self.backend!r}")
         _require(self.max_tokens_per_microbatch >= 0, "trainer.max_tokens_per_microbatch", "must be >= 0 (0 = micro_batch_size rows)")
         _require(self.logprob_chunk_tokens >= 0, "trainer.logprob_chunk_tokens", "must be >= 0 (0 = no chunking)")
+        _require(not (self.share_prompt and self.packing), "trainer.share_prompt",
+                 "cannot be combined with trainer.packing (a packed row has no per-row key/value cache to share); "
+                 "set one of them to false")
         _require(self.zero_stage in (1, 2, 3), "trainer.zero_stage", f"must be 1, 2 or 3, got {self.zero_stage}")
         _require(not self.offload_params or self.zero_stage == 3, "trainer.offload_params",
                  "parameter offload needs trainer.zero_stage=3")
@@ -564,6 +570,12 @@ class RunConfig:
             _require(not algorithm.needs_critic, "rollout.colocate",
                      f"does not place a PPO critic on the shared GPUs yet ({algorithm.describe()}); "
                      "use rollout.colocate=false with a critic")
+        if self.trainer.share_prompt:
+            _require(not algorithm.needs_critic, "trainer.share_prompt",
+                     f"does not run the critic's value head yet ({algorithm.describe()}); "
+                     "use trainer.share_prompt=false with a critic")
+            _require(not self.model.gradient_checkpointing, "trainer.share_prompt",
+                     "needs the key/value cache that model.gradient_checkpointing turns off; set one of them to false")
         _require(self.algorithm.overlong_buffer_len <= self.rollout.max_new_tokens, "algorithm.overlong_buffer_len",
                  f"must be at most rollout.max_new_tokens={self.rollout.max_new_tokens}")
         rows = self.data.train_batch_size * self.rollout.n

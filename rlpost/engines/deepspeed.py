@@ -121,7 +121,8 @@ class DeepSpeedEngine:
         self.opts = microbatch.ForwardOptions(
             logit_temperature=logit_temperature if logit_temperature > 0 else 1.0,
             packing=bool(trainer_cfg and trainer_cfg.packing) and head == "lm",  # a critic runs padded rows
-            logprob_chunk_tokens=trainer_cfg.logprob_chunk_tokens if trainer_cfg else 0)
+            logprob_chunk_tokens=trainer_cfg.logprob_chunk_tokens if trainer_cfg else 0,
+            share_prompt=bool(trainer_cfg and trainer_cfg.share_prompt) and head == "lm")
         torch.manual_seed(seed)
         load = hf_io.load_value_model if head == "value" else hf_io.load_causal_lm
         model = load(model_path, model_cfg, torch.float32 if trainable else self.dtype,
@@ -163,7 +164,7 @@ class DeepSpeedEngine:
     def _micro_batches(self, batch: TrainBatch, size: int) -> list[microbatch.MicroBatch | None]:
         cfg = self.trainer_cfg
         max_tokens = cfg.max_tokens_per_microbatch if cfg else 0
-        parts = microbatch.split(batch, size, max_tokens, self.opts.packing) if batch.size else []
+        parts = microbatch.split(batch, size, max_tokens, self.opts.packing, self.opts.share_prompt) if batch.size else []
         return microbatch.pad_count(parts, self.device)
 
     def _forward(self, mb: TrainBatch, with_entropy: bool) -> ModelOutput:

@@ -154,10 +154,12 @@ class FSDPEngine:
         # the PPO ratio is biased at any temperature but 1. (top-p/top-k truncation is
         # not replayed: the ratio uses the full tempered softmax, as verl does.)
         self.logit_temperature = logit_temperature if logit_temperature > 0 else 1.0
-        # Packing and chunked log-softmax (rlpost.engines.microbatch), policy/reference only.
+        # Packing, chunked log-softmax and shared prompts (rlpost.engines.microbatch),
+        # policy/reference only.
         self._forward_opts = microbatch.ForwardOptions(
             self.logit_temperature, packing=bool(trainer_cfg and trainer_cfg.packing),
-            logprob_chunk_tokens=trainer_cfg.logprob_chunk_tokens if trainer_cfg else 0)
+            logprob_chunk_tokens=trainer_cfg.logprob_chunk_tokens if trainer_cfg else 0,
+            share_prompt=bool(trainer_cfg and trainer_cfg.share_prompt) and head == "lm")
         self.dtype = _DTYPES[model_cfg.dtype]  # dtype weights leave the engine in
         # bf16 training keeps fp32 master weights; see module docstring.
         master_dtype = torch.float32 if trainable else self.dtype
@@ -229,7 +231,8 @@ class FSDPEngine:
         return dataclasses.replace(batch, **moved)
 
     def _forward(self, mb: TrainBatch, with_entropy: bool) -> ModelOutput:
-        if self.head == "lm" and (self._forward_opts.packing or self._forward_opts.logprob_chunk_tokens):
+        opts = self._forward_opts
+        if self.head == "lm" and (opts.packing or opts.logprob_chunk_tokens or opts.share_prompt):
             return microbatch.forward(self.model, mb, self._forward_opts, with_entropy)
         mask = mb.attention_mask
         # Right padding: real tokens sit at 0..len-1; pads get clamped positions.
@@ -247,7 +250,8 @@ class FSDPEngine:
         row order does not matter to a summed loss, so they need not stay in order
         (``MicroBatch.rows`` says where each row came from)."""
         cfg = self.trainer_cfg
-        parts = microbatch.split(batch, size, cfg.max_tokens_per_microbatch, cfg.packing) if batch.size else []
+        parts = (microbatch.split(batch, size, cfg.max_tokens_per_microbatch, cfg.packing, self._forward_opts.share_prompt)
+                 if batch.size else [])
         return microbatch.pad_count(parts, self.device)
 
     def _micro_batches(self, batch: TrainBatch, size: int) -> list[TrainBatch | None]:

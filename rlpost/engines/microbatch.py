@@ -8,6 +8,10 @@ Two ways to split (``plan_micro_batches``):
                 while the micro-batch's compute cost stays within the budget (a row
                 longer than the budget goes alone). Cost is rows x longest row when
                 padded, the sum of lengths when packed.
+With ``share_prompt`` the rows are first sorted by their tokens, so that the
+completions of one prompt sit next to each other and land in the same micro-batch,
+where ``rlpost.engines.prefix`` runs their prompt once (the token budget then fills
+in that order instead of longest first).
 Either way the loss is normalised by the step's global token count (LossFn contract
 in ``rlpost.engines.base``), so the split changes float rounding only, not the result.
 
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from rlpost.engines import packing
+from rlpost.engines import packing, prefix
 from rlpost.engines.logprobs import sequence_logprobs
 from rlpost.types import ModelOutput, TrainBatch
 
@@ -35,6 +39,7 @@ class ForwardOptions:
     logit_temperature: float = 1.0
     packing: bool = False
     logprob_chunk_tokens: int = 0  # 0: log-softmax over all tokens at once
+    share_prompt: bool = False  # rows with a common prefix run it once (rlpost.engines.prefix)
 
 
 @dataclass
@@ -44,17 +49,20 @@ class MicroBatch:
 
 
 def plan_micro_batches(lengths: list[int], micro_batch_size: int, max_tokens: int = 0,
-                       packed: bool = False) -> list[list[int]]:
-    """Row indices of each micro-batch (see module docstring); every row exactly once."""
+                       packed: bool = False, order: list[int] | None = None) -> list[list[int]]:
+    """Row indices of each micro-batch (see module docstring); every row exactly once.
+    ``order``: the row order to fill in (default: in order for fixed size, longest
+    first for a token budget)."""
     if max_tokens <= 0:
-        return [list(range(i, min(i + micro_batch_size, len(lengths)))) for i in range(0, len(lengths), micro_batch_size)]
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        rows = order if order is not None else list(range(len(lengths)))
+        return [rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
+    if order is None:
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     groups: list[list[int]] = []
     current: list[int] = []
     for i in order:
         candidate = current + [i]
-        # Longest first, so the candidate's longest row is its first.
-        cost = sum(lengths[j] for j in candidate) if packed else len(candidate) * lengths[candidate[0]]
+        cost = sum(lengths[j] for j in candidate) if packed else len(candidate) * max(lengths[j] for j in candidate)
         if current and cost > max_tokens:
             groups.append(current)
             candidate = [i]
@@ -64,10 +72,19 @@ def plan_micro_batches(lengths: list[int], micro_batch_size: int, max_tokens: in
     return groups
 
 
-def split(batch: TrainBatch, micro_batch_size: int, max_tokens: int, packed: bool) -> list[MicroBatch]:
+def token_order(batch: TrainBatch) -> list[int]:
+    """Row indices sorted by the rows' real tokens: rows of one prompt end up adjacent."""
     lengths = [int(n) for n in batch.attention_mask.sum(dim=1).tolist()]
+    rows = [ids[:n] for ids, n in zip(batch.input_ids.tolist(), lengths)]
+    return sorted(range(len(rows)), key=lambda i: rows[i])
+
+
+def split(batch: TrainBatch, micro_batch_size: int, max_tokens: int, packed: bool,
+          share_prompt: bool = False) -> list[MicroBatch]:
+    lengths = [int(n) for n in batch.attention_mask.sum(dim=1).tolist()]
+    order = token_order(batch) if share_prompt else None
     return [MicroBatch(rows, batch.select(rows).trim())
-            for rows in plan_micro_batches(lengths, micro_batch_size, max_tokens, packed)]
+            for rows in plan_micro_batches(lengths, micro_batch_size, max_tokens, packed, order)]
 
 
 def pad_count(micro_batches: list, device: torch.device) -> list:
@@ -95,6 +112,9 @@ def to_device(batch: TrainBatch, device: torch.device) -> TrainBatch:
 
 def forward(model: torch.nn.Module, mb: TrainBatch, opts: ForwardOptions, with_entropy: bool) -> ModelOutput:
     """Log-probs (and entropy) of ``mb`` under ``model``, ``[b, t]`` like ``mb``."""
+    if opts.share_prompt:
+        return prefix.forward(model, mb.input_ids, mb.attention_mask, opts.logit_temperature, with_entropy,
+                              opts.logprob_chunk_tokens)
     if opts.packing:
         rows = packing.pack(mb.input_ids, mb.attention_mask)
         # attention_mask=None is what makes transformers read the position-id resets
