@@ -262,13 +262,15 @@ def _loading_receiver(port, world, versions, results):
         results.put(("receiver1", None, traceback.format_exc()))
 
 
-def _alone_sender(port, world, versions, results):
+def _plan_sender(port, world, versions, results, specs=SPECS, bucket_mb=BUCKET_MB, alone_mb=ALONE_MB,
+                 weights=_weights):
+    """Sends ``weights(version)`` for each version with the plan of ``specs``."""
     torch.set_num_threads(1)
-    plan = make_plan(SPECS, bucket_mb=BUCKET_MB, alone_mb=ALONE_MB)
+    plan = make_plan(specs, bucket_mb=bucket_mb, alone_mb=alone_mb)
     try:
         with WeightSender(HOST, port, world, timeout_s=TIMEOUT_S) as sender:
             for version in versions:
-                sender.send(iter(_weights(version)), plan, version)
+                sender.send(iter(weights(version)), plan, version)
                 results.put(("sender", version, "ok"))
     except BaseException:
         results.put(("sender", None, traceback.format_exc()))
@@ -276,7 +278,7 @@ def _alone_sender(port, world, versions, results):
 
 def test_load_into_receives_alone_tensors_in_place_and_reuses_staging_across_syncs():
     port = _free_port()
-    results = _run([(_alone_sender, (port, 2, [1, 2])), (_loading_receiver, (port, 2, [1, 2]))],
+    results = _run([(_plan_sender, (port, 2, [1, 2])), (_loading_receiver, (port, 2, [1, 2]))],
                    expected_messages=4)
     by = {(who, version): msg for who, version, msg in results}
     assert all(v is not None for _, v in by), results
@@ -381,15 +383,7 @@ def _deep_weights(version: int) -> list[tuple[str, torch.Tensor]]:
 
 
 def _deep_sender(port, world, versions, results):
-    torch.set_num_threads(1)
-    plan = make_plan(DEEP_SPECS, DEEP_BUCKET_MB, DEEP_ALONE_MB)
-    try:
-        with WeightSender(HOST, port, world, timeout_s=TIMEOUT_S) as sender:
-            for version in versions:
-                sender.send(iter(_deep_weights(version)), plan, version)
-                results.put(("sender", version, "ok"))
-    except BaseException:
-        results.put(("sender", None, traceback.format_exc()))
+    _plan_sender(port, world, versions, results, DEEP_SPECS, DEEP_BUCKET_MB, DEEP_ALONE_MB, _deep_weights)
 
 
 def _deep_receiver(port, rank, world, versions, results):
