@@ -88,16 +88,23 @@ def measure_cpu_peak(cores: int, size: int = 512, seconds: float = 0.25) -> floa
         torch.set_num_threads(before)
 
 
-def peak_flops(cache_dir: Path | None, gpus: int = 0, gpu_name: str | None = None) -> tuple[float, str]:
+def peak_flops(cache_dir: Path | None, gpus: int = 0, gpu_name: str | None = None,
+               cpu_peak: tuple[float, str] | None = None) -> tuple[float, str]:
     """(peak FLOP/s of the devices in use, how it was found). GPUs: datasheet x
     ``gpus`` for ``gpu_name`` (the cluster's accelerator type, e.g. "H100"); CPU, or a
-    GPU not in the table: ``measure_cpu_peak`` (a quarter second), and the best
-    rate ever seen on this CPU model and core count, kept in ``cache_dir/cpu_peak.json``:
-    a start on a busy machine measures low, and must not lower the peak."""
+    GPU not in the table: ``cpu_peak`` if given (measured earlier), else
+    ``measure_cpu_peak_cached`` now."""
     if gpus > 0 and gpu_name:
         for fragment, peak in GPU_PEAK_BF16.items():
             if fragment in gpu_name:
                 return peak * gpus, f"{gpus} x {gpu_name} datasheet bf16 {peak / 1e12:.0f} TFLOP/s"
+    return cpu_peak or measure_cpu_peak_cached(cache_dir)
+
+
+def measure_cpu_peak_cached(cache_dir: Path | None) -> tuple[float, str]:
+    """``measure_cpu_peak`` (a quarter second), and the best rate ever seen on this
+    CPU model and core count, kept in ``cache_dir/cpu_peak.json``: a start on a busy
+    machine measures low, and must not lower the peak."""
     cpus = os.cpu_count() or 1
     key = f"{_cpu_model()}|{cpus}"
     path = cache_dir / "cpu_peak.json" if cache_dir else None
@@ -113,6 +120,30 @@ def peak_flops(cache_dir: Path | None, gpus: int = 0, gpu_name: str | None = Non
     return cached[key], (f"{cpus} cores x fp32 matmul {cached[key] / cpus / 1e9:.0f} GFLOP/s = "
                          f"{cached[key] / 1e9:.0f} GFLOP/s, the best measured on this CPU "
                          f"({measured / 1e9:.0f} now; {path or 'not cached'})")
+
+
+def matmul_params_cached(model_path: str, trust_remote_code: bool, cache_dir: Path | None) -> int:
+    """``matmul_params``, kept in ``cache_dir/matmul_params.json`` by the content of
+    the folder's config.json: building the meta model imports transformers' modeling
+    code, about 1 s of CPU a start would otherwise spend again."""
+    config = Path(model_path) / "config.json"
+    if cache_dir is None or not config.is_file():
+        return matmul_params(model_path, trust_remote_code)
+    import hashlib
+
+    key = hashlib.sha256(config.read_bytes()).hexdigest()[:32]
+    path = cache_dir / "matmul_params.json"
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if key not in cached:
+        cached[key] = matmul_params(model_path, trust_remote_code)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cached, indent=1))
+        tmp.replace(path)
+    return int(cached[key])
 
 
 def _cpu_model() -> str:

@@ -38,6 +38,7 @@ def run(cfg: RunConfig) -> dict:
     # Only what starting Ray needs is imported before it starts: torch and the modules
     # that use it load in the background thread and then here, while Ray comes up.
     from rlpost.checkpoint import CheckpointManager, read_state, resolve_resume
+    from rlpost.data import prompt_cache
     from rlpost.data.dataset import load_prompts
     from rlpost.models.loading import load_tokenizer, resolve_model_path
     from rlpost.workers.cluster import cluster_terminator, start_cluster, stop_cluster
@@ -65,24 +66,33 @@ def run(cfg: RunConfig) -> dict:
     data_dir = cache_root() / "data"
 
     def load_data():
-        tokenizer = load_tokenizer(model_path)
-        train, train_report = load_prompts(cfg.data, tokenizer, "train", seed=cfg.seed, data_dir=data_dir)
-        val, val_report = load_prompts(cfg.data, tokenizer, "val", seed=cfg.seed, data_dir=data_dir)
+        # A cache hit loads no tokenizer on the driver (rlpost.data.prompt_cache says why).
+        key = prompt_cache.cache_key(cfg.data, model_path, cfg.seed, data_dir)
+        loaded = prompt_cache.load(cache_root() / "prompts", key)
+        if loaded is None:
+            tokenizer = load_tokenizer(model_path)
+            train, train_report = load_prompts(cfg.data, tokenizer, "train", seed=cfg.seed, data_dir=data_dir)
+            val, val_report = load_prompts(cfg.data, tokenizer, "val", seed=cfg.seed, data_dir=data_dir)
+            loaded = (tokenizer.pad_token_id, train, train_report, val, val_report)
+            prompt_cache.save(cache_root() / "prompts", key, loaded)
+        pad_id, train, train_report, val, val_report = loaded
         clock.mark("prompts")
         print(f"rlpost: train data {train_report.summary()}; val data {val_report.summary()}", flush=True)
-        return tokenizer, train, val
+        return pad_id, train, val
 
     # One thread, one job after the other: the work holds the GIL anyway, and two threads
     # importing transformers at once can see it half-initialised ("cannot import name").
     background = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rlpost-start")
     data = background.submit(load_data)
-    n_params = background.submit(_matmul_params, cfg, model_path)  # the meta-device model
+    n_params = background.submit(_matmul_params, cfg, model_path)  # the meta-device model, or its cached count
+    # Timed while Ray starts: on a busy core it reads low, which the best-ever cache absorbs.
+    cpu_peak = background.submit(_cpu_peak)
     background.shutdown(wait=False)
 
     try:
         started = start_cluster(cfg)
     except BaseException:
-        _cancel(data, n_params)
+        _cancel(data, n_params, cpu_peak)
         raise
     clock.mark("Ray")
     # After ray.init, which may install its own; a second Ctrl-C ends the Ray instance we started.
@@ -119,7 +129,7 @@ def run(cfg: RunConfig) -> dict:
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         print(f"rlpost: placement: trainer {cfg.trainer.gpus_per_rank} GPU/rank, rollout "
               f"{cfg.rollout.gpus_per_replica} GPU/replica; rollout engine {cfg.rollout.engine}", flush=True)
-        peak = _peak(cfg, accelerator)  # before any actor starts: on CPU it times the cores
+        peak = _peak(cfg, accelerator, cpu_peak)
         faults = FaultCounts()  # failures survived (replaced actors, trainer rebuilds), logged every step
         placement = None
         if cfg.rollout.colocate:  # GPU only: trainer rank i and replica i share GPU i
@@ -178,14 +188,14 @@ def run(cfg: RunConfig) -> dict:
             return TrainerParts(trainer, weight_sync, critic)
 
         def make_controller(parts: TrainerParts) -> Controller:
-            tokenizer, train, val = data.result()
+            pad_id, train, val = data.result()
             print(f"rlpost: components ready {time.perf_counter() - _IMPORTED:.1f}s after start "
                   f"({clock.describe()})", flush=True)
             stream = PromptStream(train, cfg.data.train_batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
             return Controller(cfg, trainer=parts.trainer, rollout=rollout, rewards=rewards,
                               weight_sync=parts.weight_sync, stream=stream,
                               val_samples=val, tracker=tracker, checkpoints=checkpoints,
-                              pad_id=tokenizer.pad_token_id, use_reference=use_reference, envs=envs,
+                              pad_id=pad_id, use_reference=use_reference, envs=envs,
                               critic=parts.critic, faults=faults, perf=step_perf())
 
         supervisor = TrainerSupervisor(build_trainer=build_trainer, make_controller=make_controller,
@@ -200,7 +210,7 @@ def run(cfg: RunConfig) -> dict:
         tracker.message(f"rlpost: final policy exported to {out / 'final'}")
         return last
     finally:
-        _cancel(data, n_params)
+        _cancel(data, n_params, cpu_peak)
         if tracker is not None:
             tracker.close()
         for trainer in launched:  # started but never handed to the supervisor
@@ -230,22 +240,28 @@ def _cancel(*futures: concurrent.futures.Future) -> None:
         future.cancel()
 
 
+def _cpu_peak() -> tuple[float, str]:
+    from rlpost.perf import measure_cpu_peak_cached
+
+    return measure_cpu_peak_cached(cache_root() / "perf")
+
+
 def _matmul_params(cfg: RunConfig, model_path: str) -> int:
-    from rlpost.perf import matmul_params
+    from rlpost.perf import matmul_params_cached
 
-    return matmul_params(model_path, cfg.model.trust_remote_code)
+    return matmul_params_cached(model_path, cfg.model.trust_remote_code, cache_root() / "perf")
 
 
-def _peak(cfg: RunConfig, accelerator: str | None) -> tuple[float, str, int]:
+def _peak(cfg: RunConfig, accelerator: str | None, cpu_peak) -> tuple[float, str, int]:
     """(peak FLOP/s, how it was found, GPUs in use) for perf/mfu (rlpost.perf), from the
     GPUs the placement gave the actors and the cluster's accelerator type, not from
-    the driver's hardware."""
+    the driver's hardware; ``cpu_peak``: the background measurement of the cores."""
     from rlpost.perf import peak_flops
 
     gpus = cfg.trainer.world_size * (cfg.trainer.gpus_per_rank > 0)
     if not cfg.rollout.colocate:
         gpus += cfg.rollout.replicas * (cfg.rollout.gpus_per_replica > 0)
-    return (*peak_flops(cache_root() / "perf", gpus, accelerator), gpus)
+    return (*peak_flops(cache_root() / "perf", gpus, accelerator, cpu_peak.result()), gpus)
 
 
 def _step_perf(cfg: RunConfig, n_params: int, peak: float, how: str, gpus: int):
