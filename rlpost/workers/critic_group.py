@@ -17,50 +17,35 @@ checkpoint, which holds both.
 
 from __future__ import annotations
 
-import os
-
 import ray
 import torch
 
 from rlpost.config.schema import RunConfig
 from rlpost.errors import TrainerLost
 from rlpost.types import TrainBatch
-from rlpost.workers.cluster import free_port, merge_rank_metrics, node_ip, quiet_actor_logs, wait_ranks
-from rlpost.workers.placement import GroupPlacement, actor_device, backend_for, started_devices
+from rlpost.workers.cluster import merge_rank_metrics, wait_ranks
+from rlpost.workers.placement import GroupPlacement, started_devices
+from rlpost.workers.rank import DataParallelRank
 
 
 @ray.remote
-class CriticActor:
+class CriticActor(DataParallelRank):
     """One data-parallel rank of the value model."""
 
+    role = "critic"
+
     def __init__(self, rank: int, world_size: int):
-        self.rank, self.world_size = rank, world_size
+        super().__init__(rank, world_size)
         self.engine = None
-        quiet_actor_logs()
 
-    def pid(self) -> int:
-        return os.getpid()
-
-    def device(self) -> str:
-        """The device Ray assigned this rank (raises, naming the node, for a GPU without CUDA)."""
-        self._device = actor_device(f"critic rank {self.rank}")
-        return str(self._device)
-
-    def rendezvous(self) -> tuple[str, int]:
-        """Address and free port for the critic's torch.distributed group (rank 0 only)."""
-        host = node_ip()
-        return host, free_port(host)
+    def _engine(self):
+        return self.engine
 
     def setup(self, cfg: RunConfig, model_path: str, master: tuple[str, int]) -> None:
         from rlpost.step.critic import critic_trainer_config
-        from rlpost.distributed import init_default_group
         from rlpost.engines import make_train_engine
 
-        os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]),
-                          RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
-        init_default_group(master[0], master[1], self.rank, self.world_size, backend=backend_for(self._device))
-        torch.set_num_threads(cfg.trainer.threads or 1)  # as a trainer rank (rlpost.threads)
-        torch.manual_seed(cfg.seed)
+        self.join_group(cfg, master)  # threads as a trainer rank (rlpost.threads)
         critic_cfg = critic_trainer_config(cfg)  # trainer.backend and its ZeRO stage, the critic's optimizer
         self.engine = make_train_engine(critic_cfg.backend, model_path, cfg.model, critic_cfg, trainable=True,
                                         seed=cfg.seed, head="value")
@@ -70,23 +55,6 @@ class CriticActor:
 
     def train_step(self, shard: TrainBatch, loss_fn, micro_batch_size: int) -> dict[str, float]:
         return self.engine.train_step(shard, loss_fn, micro_batch_size)
-
-    def save(self, path: str) -> None:
-        from rlpost.utils import rng
-
-        self.engine.save(path)
-        rng.save(os.path.join(path, f"rng_rank{self.rank}.pt"))  # after the engine made the folder
-
-    def load(self, path: str) -> None:
-        from rlpost.utils import rng
-
-        self.engine.load(path)
-        rng.load(os.path.join(path, f"rng_rank{self.rank}.pt"))
-
-    def shutdown(self) -> None:
-        from rlpost.distributed import destroy_default_group
-
-        destroy_default_group()
 
 
 class CriticGroup:

@@ -10,7 +10,6 @@ checkpoint).
 
 from __future__ import annotations
 
-import os
 import socket
 import uuid
 from pathlib import Path
@@ -21,45 +20,28 @@ import torch
 from rlpost.config.schema import RunConfig
 from rlpost.errors import TrainerLost, WorkerError
 from rlpost.types import TrainBatch
-from rlpost.workers.cluster import free_port, merge_rank_metrics, node_ip, quiet_actor_logs, wait_ranks
-from rlpost.workers.placement import GroupPlacement, actor_device, backend_for, started_devices
+from rlpost.workers.cluster import free_port, merge_rank_metrics, node_ip, wait_ranks
+from rlpost.workers.placement import GroupPlacement, started_devices
+from rlpost.workers.rank import DataParallelRank
 
 
 @ray.remote
-class TrainerActor:
+class TrainerActor(DataParallelRank):
     """One data-parallel rank. Holds the policy engine and the optional reference."""
 
+    role = "trainer"
+
     def __init__(self, rank: int, world_size: int):
-        self.rank, self.world_size = rank, world_size
+        super().__init__(rank, world_size)
         self.policy = self.reference = self.sender = None
-        quiet_actor_logs()
 
-    def pid(self) -> int:
-        """The actor's process id (operators and fault-injection tests kill it by pid)."""
-        return os.getpid()
-
-    def device(self) -> str:
-        """The device Ray assigned this rank (raises, naming the node, for a GPU without CUDA)."""
-        self._device = actor_device(f"trainer rank {self.rank}")
-        return str(self._device)
-
-    def rendezvous(self) -> tuple[str, int]:
-        """Address and free port for the torch.distributed group (rank 0 only)."""
-        host = node_ip()
-        return host, free_port(host)
+    def _engine(self):
+        return self.policy
 
     def setup(self, cfg: RunConfig, model_path: str, master: tuple[str, int], with_reference: bool) -> None:
-        from rlpost.distributed import init_default_group
         from rlpost.engines import make_train_engine
 
-        # FSDP/transformers read these; the group itself is built from an explicit store.
-        os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]),
-                          RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
-        # The backend follows the device Ray gave the ranks, not whether CUDA is visible:
-        # a CPU rank on a GPU node sees every GPU.
-        init_default_group(master[0], master[1], self.rank, self.world_size, backend=backend_for(self._device))
-        torch.set_num_threads(cfg.trainer.threads or 1)  # resolved by rlpost.threads in rlpost.train
-        torch.manual_seed(cfg.seed)
+        self.join_group(cfg, master)
         self._bucket_bytes = int(cfg.weight_sync.bucket_mb * 2**20)
         temperature = cfg.rollout.temperature
         self.policy = make_train_engine(cfg.trainer.backend, model_path, cfg.model, cfg.trainer, trainable=True,
@@ -132,27 +114,13 @@ class TrainerActor:
             raise WorkerError(f"trainer rank 0 on node {node} wrote {probe} but read back other content. {_SHARED_FS}")
         return node
 
-    def save(self, path: str) -> None:
-        from rlpost.utils import rng
-
-        self.policy.save(path)
-        rng.save(os.path.join(path, f"rng_rank{self.rank}.pt"))  # after the engine made the folder
-
-    def load(self, path: str) -> None:
-        from rlpost.utils import rng
-
-        self.policy.load(path)
-        rng.load(os.path.join(path, f"rng_rank{self.rank}.pt"))
-
     def export_hf(self, path: str, tokenizer_path: str) -> None:
         self.policy.export_hf(path, tokenizer_path)
 
     def shutdown(self) -> None:
-        from rlpost.distributed import destroy_default_group
-
         if self.sender is not None:
             self.sender.close()
-        destroy_default_group()
+        super().shutdown()
 
 
 _SHARED_FS = ("The run directory (output_dir) must be one filesystem shared by the driver and every trainer "
