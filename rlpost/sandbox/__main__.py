@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     defaults = Limits()
     parser = argparse.ArgumentParser(prog="python -m rlpost.sandbox", description="Code sandbox service")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("serve", help="serve POST /run and GET /health")
+    p = sub.add_parser("serve", help="serve POST /run, sessions, GET /health and /metrics")
     p.add_argument("--host", default="127.0.0.1", help="bind address; beyond loopback (e.g. 0.0.0.0) a token is required")
     p.add_argument("--port", type=int, default=8900, help="0 picks a free port and prints it")
     p.add_argument("--max-concurrency", type=int, default=defaults.max_concurrency)
@@ -34,6 +34,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output-limit-kb", type=int, default=defaults.output_limit_bytes // 1024)
     p.add_argument("--max-processes", type=int, default=defaults.max_processes)
     p.add_argument("--disk-mb", type=int, default=defaults.disk_mb)
+    p.add_argument("--max-sessions", type=int, default=defaults.max_sessions,
+                   help="live sessions allowed at once; beyond it POST /sessions is answered 429")
+    p.add_argument("--session-idle-s", type=float, default=defaults.session_idle_s,
+                   help="a session unused this long is deleted with its workspace")
+    p.add_argument("--max-upload-kb", type=int, default=defaults.max_upload_bytes // 1024,
+                   help="total size of the files uploaded into a session at creation")
     p.add_argument("--python", default=None, help="interpreter inside the sandbox (default /usr/bin/python3)")
     p.add_argument("--base-uid", type=int, default=BASE_UID,
                    help="slot k runs as uid base+k when serving as root; give each server on a host its own range")
@@ -45,6 +51,9 @@ def main(argv: list[str] | None = None) -> None:
         output_limit_bytes=args.output_limit_kb * 1024,
         max_processes=args.max_processes,
         disk_mb=args.disk_mb,
+        max_sessions=args.max_sessions,
+        session_idle_s=args.session_idle_s,
+        max_upload_bytes=args.max_upload_kb * 1024,
     )
     try:
         token = read_token(args.token_file)
