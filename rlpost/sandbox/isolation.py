@@ -116,11 +116,13 @@ def bwrap_argv(
     if language == "bash":
         return args + ["--", *backstop, BASH, "--noprofile", "--norc", program]
     # -u: unbuffered, so output printed before a timeout kill is still reported.
-    # -E -s: ignore PYTHON* variables and the user site directory.
+    # -E -s: ignore PYTHON* variables and the user site directory. -B: -E drops
+    # PYTHONDONTWRITEBYTECODE, and a .pyc written into a session's workspace would mask an
+    # edit made within the same second (same size, same mtime): the edit would not run.
     if workspace is None:
-        return args + ["--", *backstop, python, "-u", "-E", "-s", MAIN]
+        return args + ["--", *backstop, python, "-u", "-E", "-s", "-B", MAIN]
     # The program lives outside the workspace, but its imports should find the
     # workspace's modules as a script there would: with -c, sys.path[0] is the working
     # directory, /sandbox, and run_path of a file leaves sys.path alone.
     runner = f"import runpy; runpy.run_path({program!r}, run_name='__main__')"
-    return args + ["--", *backstop, python, "-u", "-E", "-s", "-c", runner]
+    return args + ["--", *backstop, python, "-u", "-E", "-s", "-B", "-c", runner]

@@ -72,7 +72,7 @@ class Metrics:
                 ("queued_requests", queued, "Requests waiting for a slot."),
                 ("capacity_slots", capacity, "Runs allowed at once (--max-concurrency)."),
                 ("max_queue", max_queue, "Requests allowed to wait (--max-queue)."),
-                ("sessions", live, "Live sessions."),
+                ("live_sessions", live, "Sessions alive now."),
                 ("max_sessions", max_sessions, "Sessions allowed at once (--max-sessions)."),
             ):
                 lines += [f"# HELP rlpost_sandbox_{name} {help_}", f"# TYPE rlpost_sandbox_{name} gauge",
