@@ -122,7 +122,8 @@ def bwrap_argv(
     if workspace is None:
         return args + ["--", *backstop, python, "-u", "-E", "-s", "-B", MAIN]
     # The program lives outside the workspace, but its imports should find the
-    # workspace's modules as a script there would: with -c, sys.path[0] is the working
-    # directory, /sandbox, and run_path of a file leaves sys.path alone.
-    runner = f"import runpy; runpy.run_path({program!r}, run_name='__main__')"
-    return args + ["--", *backstop, python, "-u", "-E", "-s", "-B", "-c", runner]
+    # workspace's modules as a script there would, so /sandbox goes first on sys.path;
+    # only after runpy itself is imported (-I: no working directory on the path), so a
+    # runpy.py in the workspace cannot take over every later Python call.
+    runner = f"import runpy, sys; sys.path.insert(0, {WORKDIR!r}); runpy.run_path({program!r}, run_name='__main__')"
+    return args + ["--", *backstop, python, "-u", "-I", "-B", "-c", runner]
