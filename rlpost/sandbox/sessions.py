@@ -232,7 +232,8 @@ class SessionStore:
             self._gone.pop(next(iter(self._gone)))
 
     def _why_gone(self, session_id: str) -> str:
-        why = self._gone.get(session_id)
+        live = self._sessions.get(session_id)
+        why = "deleted" if live is not None and live.doomed else self._gone.get(session_id)
         return f"session {session_id} is gone ({why})" if why else f"no session {session_id} on this server"
 
     def _reap_loop(self) -> None:
