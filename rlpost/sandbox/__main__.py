@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="a session unused this long is deleted with its workspace")
     p.add_argument("--max-upload-kb", type=int, default=defaults.max_upload_bytes // 1024,
                    help="total size of the files uploaded into a session at creation")
+    p.add_argument("--advertise-url", default=None,
+                   help="this server's own URL, sent with each new session so its calls bypass a load balancer "
+                        "(e.g. http://POD_IP:8900); default: the URL the client used")
     p.add_argument("--python", default=None, help="interpreter inside the sandbox (default /usr/bin/python3)")
     p.add_argument("--base-uid", type=int, default=BASE_UID,
                    help="slot k runs as uid base+k when serving as root; give each server on a host its own range")
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         token = read_token(args.token_file)
         serve(args.host, args.port, limits, args.python, args.base_uid, max_queue=args.max_queue,
-              max_queue_wait_s=args.max_queue_wait_s, token=token)
+              max_queue_wait_s=args.max_queue_wait_s, token=token, advertise_url=args.advertise_url)
     except SandboxError as e:
         sys.exit(f"rlpost.sandbox: {e}")
 

@@ -123,7 +123,9 @@ class SandboxClient:
         a forgotten one is reaped after the server's ``--session-idle-s``."""
         url, answer = self._request("/sessions", {"files": files or {}}, http_timeout=self.timeout_s)
         try:
-            return SandboxSession(self, url, str(answer["session_id"]))
+            # A server behind a load balancer names its own address ("url"), so the
+            # session's calls reach the server that holds it.
+            return SandboxSession(self, str(answer.get("url") or url).rstrip("/"), str(answer["session_id"]))
         except (KeyError, TypeError) as e:
             raise SandboxError(f"malformed session answer from {url}: {answer!r}") from e
 

@@ -6,7 +6,7 @@
                      429 queue full or no slot within the wait (Retry-After), 500 internal
     GET  /health  -> 200 {"status": "ok", "busy", "queued", "capacity", "rejected", "served", ...}
     GET  /metrics -> 200 Prometheus text format (401 without the token, when one is set)
-    POST   /sessions          {"files": {path: text}}  -> 201 {"session_id", "idle_s"}
+    POST   /sessions          {"files": {path: text}}  -> 201 {"session_id", "idle_s", "url"}
     POST   /sessions/ID/run   as POST /run, in the session's workspace (404 gone, 409 busy)
     DELETE /sessions/ID       -> 200 {"deleted": ID}
 
@@ -63,8 +63,10 @@ class SandboxHTTPServer(ThreadingHTTPServer):
         max_queue: int = 0,
         max_queue_wait_s: float = 30.0,
         token: str | None = None,
+        advertise_url: str | None = None,
     ):
         super().__init__(address, _Handler)
+        self.advertise_url = advertise_url
         self.sandbox = sandbox
         self.pool = SlotPool(sandbox.limits.max_concurrency, max_queue)
         self.max_queue_wait_s = max_queue_wait_s
@@ -215,7 +217,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(429, {"error": f"{e}; delete finished sessions or raise --max-sessions"},
                         {"Retry-After": "5"})
             return
-        self._reply(201, {"session_id": session.id, "idle_s": limits.session_idle_s})
+        # url: where the session's calls must go. Behind a load balancer (a Kubernetes
+        # Service) the next connection may reach another server, which does not have it.
+        self._reply(201, {"session_id": session.id, "idle_s": limits.session_idle_s, "url": self.server.advertise_url})
 
     def _run(self, session_id: str | None = None) -> None:
         metrics = self.server.metrics
@@ -293,6 +297,7 @@ def serve(
     max_queue: int = 32,
     max_queue_wait_s: float = 30.0,
     token: str | None = None,
+    advertise_url: str | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT. Prints ``listening on http://HOST:PORT`` once ready
     (the real port when ``port=0``). Refuses to bind beyond loopback without a token."""
@@ -309,7 +314,7 @@ def serve(
     if check.status != "ok" or check.stdout != "42\n":
         raise SandboxError(f"the sandbox cannot run a trivial program on this host: {check}")
     httpd = SandboxHTTPServer((host, port), sandbox, max_queue=max_queue, max_queue_wait_s=max_queue_wait_s,
-                              token=token)
+                              token=token, advertise_url=advertise_url)
     httpd.sessions.start_reaper()
     # shutdown() must come from another thread than serve_forever's.
     stop = lambda *_: threading.Thread(target=httpd.shutdown, daemon=True).start()  # noqa: E731

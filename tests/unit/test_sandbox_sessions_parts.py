@@ -80,8 +80,7 @@ def test_a_workspace_past_the_disk_cap_closes_the_session(tmp_path, monkeypatch)
     assert not s.workspace.exists() and store.events["over_disk"] == 1
 
 
-@pytest.fixture
-def scripted():
+def _scripted_server():
     """A loopback server answering every request with the queued (code, body) pairs."""
     answers, seen = [], []
 
@@ -105,9 +104,35 @@ def scripted():
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", answers, seen
+    return httpd, (f"http://127.0.0.1:{httpd.server_address[1]}", answers, seen)
+
+
+@pytest.fixture
+def scripted():
+    httpd, parts = _scripted_server()
+    yield parts
     httpd.shutdown()
     httpd.server_close()
+
+
+@pytest.fixture
+def scripted_other():
+    httpd, parts = _scripted_server()
+    yield parts
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_a_session_follows_the_url_its_server_advertises(scripted, scripted_other):
+    """Behind a load balancer, the server that created the session names itself."""
+    balancer, answers, seen = scripted
+    direct, direct_answers, direct_seen = scripted_other
+    answers.append((201, {"session_id": "s9", "idle_s": 600, "url": direct + "/"}))
+    direct_answers.append((200, {"status": "ok", "stdout": "", "stderr": "", "exit_code": 0}))
+    session = SandboxClient(balancer).open_session()
+    assert session.run(bash="true").status == "ok"
+    assert [s[:2] for s in seen] == [("POST", "/sessions")]
+    assert [s[:2] for s in direct_seen] == [("POST", "/sessions/s9/run")]
 
 
 def test_session_calls_go_to_their_server_and_retry_only_429(scripted):
