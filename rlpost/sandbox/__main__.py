@@ -15,7 +15,7 @@ from rlpost.sandbox.server import serve
 from rlpost.sandbox.types import TOKEN_ENV, Limits
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     defaults = Limits()
     parser = argparse.ArgumentParser(prog="python -m rlpost.sandbox", description="Code sandbox service")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,7 +46,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--python", default=None, help="interpreter inside the sandbox (default /usr/bin/python3)")
     p.add_argument("--base-uid", type=int, default=BASE_UID,
                    help="slot k runs as uid base+k when serving as root; give each server on a host its own range")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     limits = Limits(
         max_concurrency=args.max_concurrency,
         max_timeout_s=args.max_timeout_s,
