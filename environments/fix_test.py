@@ -25,6 +25,7 @@ environments/fix_test.py:make_rows``), a ``variant`` column picking one of ``REP
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 from rlpost.envs import Message, StepResult, Task, run_tool_calls
@@ -95,7 +96,7 @@ def check_program(repo: Repo) -> str:
 
 class FixTestEnv:
     def __init__(self, sandbox_url: str | list[str] | None = None, client=None, command_timeout_s: float = 10.0,
-                 memory_mb: int = 256, check_timeout_s: float = 20.0):
+                 memory_mb: int = 256, check_timeout_s: float = 10.0):
         if client is None:
             from rlpost.errors import ConfigError
             from rlpost.sandbox.client import shared_client
@@ -130,6 +131,9 @@ class FixTestEnv:
         return result.status == "ok" and result.stdout.strip().endswith("PASS")
 
     def close(self) -> None:
+        # Called on the env actor's event loop: the DELETE goes out on a thread of its own,
+        # so a slow or dead server cannot stall the other episodes (the server reaps what
+        # it never receives).
         if self.session is not None:
-            self.session.close()
+            threading.Thread(target=self.session.close, daemon=True, name="rlpost-session-close").start()
             self.session = None

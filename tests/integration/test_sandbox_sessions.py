@@ -95,11 +95,11 @@ def test_limits_hold_in_a_session_and_it_survives(client):
         assert session.run(bomb, timeout_s=3.0).status == "timeout"
         assert time.monotonic() - start < 3.0 + 5.0
         # bash's bomb: its top shell exits at once, which ends the run's PID namespace and
-        # every fork with it; the forks hit the process cap meanwhile.
+        # every fork with it (whether the forks reach the process cap first is a race);
+        # nothing of it may outlive the call (checked at the end).
         start = time.monotonic()
-        shell_bomb = session.run(bash=":(){ :|:& };:", timeout_s=3.0)
+        session.run(bash=":(){ :|:& };:", timeout_s=3.0)
         assert time.monotonic() - start < 3.0 + 5.0
-        assert "Resource temporarily unavailable" in shell_bomb.stderr
         hog = session.run("chunks = []\nwhile True:\n    chunks.append(bytearray(1 << 20))", memory_mb=128)
         assert hog.status == "memory"
         # The workspace is capped at --disk-mb 16: a bigger write fails, the session lives on.

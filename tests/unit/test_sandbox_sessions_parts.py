@@ -5,6 +5,7 @@ environments/fix_test.py through the fake client."""
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -196,5 +197,8 @@ def test_fix_test_env_through_the_fake_client():
     assert not first.done and first.reward == {"accuracy": 0.0} and first.observation[0]["content"] == "ran"
     second = env.step(call)
     assert second.done and second.reward == {"accuracy": 1.0}
-    env.close()
+    env.close()  # the DELETE goes out on a thread of its own
+    deadline = time.monotonic() + 5
+    while not session.closed and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert session.closed and [c[0] for c in session.calls] == ["bash", "python", "bash", "python"]
