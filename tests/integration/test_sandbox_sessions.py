@@ -9,13 +9,14 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 import urllib.request
 
 import pytest
 
 from rlpost.errors import SandboxError
-from rlpost.sandbox.client import SandboxClient
+from rlpost.sandbox.client import SandboxClient, SandboxSession
 from rlpost.sandbox.runner import BASE_UID
 from rlpost.sandbox.server import start_local, stop_local
 
@@ -161,5 +162,31 @@ def test_idle_sessions_are_reaped_and_the_cap_holds():
         assert (live, events["created"], events["reaped"], events["refused"]) == (1, 2, 1, 1)
         kept.close()
         assert metrics(url)[0] == 0
+    finally:
+        stop_local(proc)
+
+
+def test_session_routes_need_the_token_and_calls_are_sequential():
+    env = dict(os.environ, RLPOST_SANDBOX_TOKEN="s3ssion-token")
+    proc, url = start_local(env=env)
+    try:
+        with pytest.raises(SandboxError, match="HTTP 401"):
+            SandboxClient(url, token="wrong", retries=0).open_session()
+        client = SandboxClient(url, token="s3ssion-token", retries=0)
+        session = client.open_session()
+        stranger = SandboxSession(SandboxClient(url, token="wrong", retries=0), url, session.id)
+        with pytest.raises(SandboxError, match="HTTP 401"):
+            stranger.run(bash="ls")
+        with pytest.raises(SandboxError, match="HTTP 401"):
+            stranger._call("DELETE", f"/sessions/{session.id}", None, 10.0)
+        # A second call while the first runs is refused, not queued behind it.
+        slow = threading.Thread(target=session.run, kwargs={"bash": "sleep 3", "timeout_s": 10.0})
+        slow.start()
+        time.sleep(1.0)
+        with pytest.raises(SandboxError, match="HTTP 409.*already running a call"):
+            session.run(bash="true")
+        slow.join()
+        assert session.run(bash="echo after").stdout == "after\n"
+        session.close()
     finally:
         stop_local(proc)
