@@ -201,7 +201,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _create_session(self) -> None:
         limits = self.server.sandbox.limits
-        data = self._read_json(2 * limits.max_upload_bytes + 64 * limits.max_upload_files + 4096)
+        # JSON may spell a character in up to 6 bytes (\u00e9); the decoded files are then
+        # held to the upload limit itself.
+        data = self._read_json(6 * limits.max_upload_bytes + 64 * limits.max_upload_files + 4096)
         if data is _NO_BODY:
             return
         try:
