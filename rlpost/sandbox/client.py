@@ -112,7 +112,7 @@ class SandboxClient:
         return RunResult.from_json(self._request("/run", body, http_timeout=2 * timeout_s + self.timeout_s)[1])
 
     def run_bash(self, script: str, stdin: str = "", timeout_s: float = 5.0, memory_mb: int = 256) -> RunResult:
-        """``run`` for a bash script (in a fresh, empty working directory)."""
+        """``run`` for a bash script (in a fresh working directory holding only the script, main.sh)."""
         body = {"bash": script, "stdin": stdin, "timeout_s": timeout_s, "memory_mb": memory_mb}
         return RunResult.from_json(self._request("/run", body, http_timeout=2 * timeout_s + self.timeout_s)[1])
 
