@@ -14,6 +14,17 @@ finished per second with ``--concurrency`` threads sharing a server of that many
 against a server that refuses when full (``--max-queue 0``) and one that queues
 (``--max-queue N``). Prints, for each, the answers by HTTP status (every request must get
 exactly one), the burst's wall time and the p50/p95/max latency of the served requests.
+
+    .venv/bin/python scripts/bench_sandbox.py --load --clients 16 --requests 20 --concurrency 2
+
+``--load``: ``--clients`` threads x ``--requests`` each through one ``SandboxClient``
+(with its retries and fleet spreading), against one server and against two (each with
+``--concurrency`` slots), first with normal programs only, then with every
+``--hostile-every``-th request hostile (an endless loop, a memory bomb, a fork bomb, an
+output flood, in turn). Prints per run: throughput, p50/p95/p99 latency of the normal
+programs, their success rate (status ``ok`` and the right output), and whether every
+request got exactly one answer with the status its kind must get (loop and fork bomb
+``timeout``, memory bomb ``memory``, flood ``error``).
 """
 
 from __future__ import annotations
@@ -38,7 +49,17 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=40)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--burst", type=int, default=0)
+    parser.add_argument("--load", action="store_true")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=20)
+    parser.add_argument("--hostile-every", type=int, default=4)
+    parser.add_argument("--servers", default="1,2", help="server counts to run, e.g. 1,2")
     args = parser.parse_args()
+    if args.load:
+        for servers in map(int, args.servers.split(",")):
+            for hostile_every in (0, args.hostile_every):
+                load(servers, args.concurrency, args.clients, args.requests, hostile_every)
+        return
     if args.burst:
         for queue in (0, args.burst):
             plain_burst(args.burst, args.concurrency, queue)
@@ -105,6 +126,66 @@ def plain_burst(n: int, slots: int, queue: int) -> None:
     pct = lambda q: served[int(q * (len(served) - 1))] if served else float("nan")  # noqa: E731
     print(f"burst of {n} on {slots} slots, --max-queue {queue}: {len(answers)}/{n} answered {by_status}, "
           f"{elapsed:.2f} s; served latency p50 {pct(0.5):.2f} s, p95 {pct(0.95):.2f} s, max {pct(1.0):.2f} s")
+
+
+# kind -> (program, request options, the status it must get)
+NORMAL = ("print(sum(range(1000)))", {}, "ok")
+HOSTILE = {
+    "loop": ("while True:\n    pass", {"timeout_s": 2.0}, "timeout"),
+    "memory": ("chunks = []\nwhile True:\n    chunks.append(bytearray(1 << 20))", {"memory_mb": 64}, "memory"),
+    "fork": ("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
+             {"timeout_s": 2.0}, "timeout"),
+    "flood": ("while True:\n    print('x' * 10000)", {"timeout_s": 10.0}, "error"),
+}
+
+
+def load(servers: int, slots: int, clients: int, requests: int, hostile_every: int) -> None:
+    """``clients`` threads x ``requests`` through one fleet client; see the module docstring."""
+    procs = [start_local(args=["--max-concurrency", str(slots), "--max-queue", str(clients)]) for _ in range(servers)]
+    client = SandboxClient([url for _, url in procs], retries=10, backoff_s=0.1)
+    kinds = list(HOSTILE)
+    records: list[tuple[str, str, float]] = []  # (kind, what happened, latency s)
+    lock = threading.Lock()
+
+    def work(c: int) -> None:
+        for r in range(requests):
+            i = c * requests + r
+            hostile = hostile_every and i % hostile_every == hostile_every - 1
+            kind = kinds[(i // hostile_every) % len(kinds)] if hostile else "normal"
+            code, options, expected = HOSTILE[kind] if hostile else NORMAL
+            start = time.perf_counter()
+            try:
+                result = client.run(code, **options)
+                right = result.status == expected and (hostile or result.stdout == "499500\n")
+                outcome = "right" if right else f"wrong:{result.status}"
+            except Exception as e:  # noqa: BLE001 - a SandboxError is an answer too, a wrong one
+                outcome = f"raised:{type(e).__name__}"
+            with lock:
+                records.append((kind, outcome, time.perf_counter() - start))
+
+    threads = [threading.Thread(target=work, args=(c,)) for c in range(clients)]
+    start = time.perf_counter()
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - start
+    finally:
+        for proc, _ in procs:
+            stop_local(proc)
+    normal = sorted(t for k, _, t in records if k == "normal")
+    pct = lambda q: normal[int(q * (len(normal) - 1))] if normal else float("nan")  # noqa: E731
+    ok = sum(1 for k, o, _ in records if k == "normal" and o == "right")
+    wrong = {}
+    for kind, outcome, _ in records:
+        if outcome != "right":
+            wrong[f"{kind}:{outcome}"] = wrong.get(f"{kind}:{outcome}", 0) + 1
+    mix = f"1 in {hostile_every} hostile" if hostile_every else "normal only"
+    print(f"{servers} server(s) x {slots} slots, {clients} clients x {requests} requests, {mix}: "
+          f"{len(records)}/{clients * requests} answered in {elapsed:.1f} s ({len(records) / elapsed:.1f} req/s); "
+          f"normal: {ok}/{len(normal)} ok, p50 {pct(0.5):.2f} s, p95 {pct(0.95):.2f} s, p99 {pct(0.99):.2f} s; "
+          f"wrong answers {wrong or 'none'}; client retries {client.retried}, ejections {client.fleet.ejections}")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ See docs/sandbox.md for the API, the limits and the isolation model. The server 
 the client and the fake are plain Python.
 """
 
-from rlpost.sandbox.client import SandboxClient
-from rlpost.sandbox.fake import FakeSandboxClient
+from rlpost.sandbox.client import SandboxClient, SandboxSession
+from rlpost.sandbox.fake import FakeSandboxClient, FakeSandboxSession
 from rlpost.sandbox.types import STATUSES, Limits, RunRequest, RunResult
 
-__all__ = ["STATUSES", "FakeSandboxClient", "Limits", "RunRequest", "RunResult", "SandboxClient"]
+__all__ = ["STATUSES", "FakeSandboxClient", "FakeSandboxSession", "Limits", "RunRequest", "RunResult", "SandboxClient",
+           "SandboxSession"]

@@ -2,7 +2,9 @@
 
 Give ``url`` one server, a load balancer in front of a fleet, or a list of servers: a run
 holds no server-side state, so any server may answer any request. With a list the client
-spreads requests itself (``Fleet``). Stdlib HTTP only.
+spreads requests itself (``Fleet``). A session (``open_session``) does hold state, so it
+is created on one server (chosen like a run's) and every later call of it goes there.
+Stdlib HTTP only.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import urllib.request
 from typing import Callable, Sequence
 
 from rlpost.errors import SandboxError
-from rlpost.sandbox.types import TOKEN_ENV, RunResult
+from rlpost.sandbox.types import TOKEN_ENV, RunRequest, RunResult
 
 # Overload and server faults are worth retrying; other 4xx mean the request itself is wrong.
 _RETRY_STATUS = {429, 500, 502, 503, 504}
@@ -107,7 +109,25 @@ class SandboxClient:
         body = {"code": code, "stdin": stdin, "timeout_s": timeout_s, "memory_mb": memory_mb}
         # The server may hold a request in its queue for up to timeout_s before running it
         # for up to timeout_s; a shorter HTTP timeout would eject a healthy, busy server.
-        return RunResult.from_json(self._request("/run", body, http_timeout=2 * timeout_s + self.timeout_s))
+        return RunResult.from_json(self._request("/run", body, http_timeout=2 * timeout_s + self.timeout_s)[1])
+
+    def run_bash(self, script: str, stdin: str = "", timeout_s: float = 5.0, memory_mb: int = 256) -> RunResult:
+        """``run`` for a bash script (in a fresh working directory holding only the script, main.sh)."""
+        body = {"bash": script, "stdin": stdin, "timeout_s": timeout_s, "memory_mb": memory_mb}
+        return RunResult.from_json(self._request("/run", body, http_timeout=2 * timeout_s + self.timeout_s)[1])
+
+    def open_session(self, files: dict[str, str] | None = None) -> SandboxSession:
+        """A new session whose workspace holds ``files`` ({relative path: text}); the
+        server is picked as for a run (with retries and fail-over), and the session's
+        calls all go to it. Delete it with ``close()`` (or use it as a context manager);
+        a forgotten one is reaped after the server's ``--session-idle-s``."""
+        url, answer = self._request("/sessions", {"files": files or {}}, http_timeout=self.timeout_s)
+        try:
+            # A server behind a load balancer names its own address ("url"), so the
+            # session's calls reach the server that holds it.
+            return SandboxSession(self, str(answer.get("url") or url).rstrip("/"), str(answer["session_id"]))
+        except (KeyError, TypeError) as e:
+            raise SandboxError(f"malformed session answer from {url}: {answer!r}") from e
 
     def health(self) -> bool:
         """True when at least one server answers its health check now (no retries)."""
@@ -120,24 +140,32 @@ class SandboxClient:
         except (OSError, ValueError):
             return False
 
-    def _request(self, path: str, body: dict, http_timeout: float) -> dict:
-        data = json.dumps(body).encode()
+    def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
+        return headers
+
+    def _backoff(self, attempt: int, wait_at_least: float) -> None:
+        delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
+        # jitter spreads a burst's retries; a 429's Retry-After is a floor.
+        self._sleep(max(delay * random.uniform(0.5, 1.0), wait_at_least))
+
+    def _request(self, path: str, body: dict, http_timeout: float) -> tuple[str, dict]:
+        """POST to the fleet with retries and fail-over; ``(server url, answer)``."""
+        data = json.dumps(body).encode()
+        headers = self._headers()
         last, wait_at_least, failed_url = "", 0.0, ""
         for attempt in range(self.retries + 1):
             if attempt:
                 self.retried += 1
                 if not self.fleet.other_available(failed_url):  # else another server takes it at once
-                    delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
-                    # jitter spreads a burst's retries; a 429's Retry-After is a floor.
-                    self._sleep(max(delay * random.uniform(0.5, 1.0), wait_at_least))
+                    self._backoff(attempt, wait_at_least)
             url = self.fleet.acquire(avoid=failed_url)
             req = urllib.request.Request(url + path, data=data, method="POST", headers=headers)
             try:
                 with urllib.request.urlopen(req, timeout=http_timeout) as r:
-                    return json.load(r)
+                    return url, json.load(r)
             except urllib.error.HTTPError as e:
                 detail = e.read().decode(errors="replace")[:500]
                 if e.code not in _RETRY_STATUS:
@@ -156,6 +184,64 @@ class SandboxClient:
                 self.fleet.release(url)
         where = failed_url if len(self.fleet.urls) == 1 else f"{self.fleet.urls} (last {failed_url})"
         raise SandboxError(f"sandbox at {where} failed after {self.retries + 1} attempts; last error {last}")
+
+
+class SandboxSession:
+    """A live session on one server: ``run`` a Python program or a bash script in its
+    workspace, whose files persist from call to call, then ``close``.
+
+    A session call is not safe to repeat (it may have changed files), so it is retried
+    only when the server says it did not run it: 429 (queue full), with backoff, up to
+    the client's ``retries``. Anything else (the server gone, the session reaped: 404)
+    raises ``SandboxError``; the episode using it fails and is retried from scratch."""
+
+    def __init__(self, client: SandboxClient, url: str, session_id: str):
+        self.client, self.url, self.id = client, url, session_id
+        self.closed = False
+
+    def run(self, code: str | None = None, *, bash: str | None = None, stdin: str = "", timeout_s: float = 5.0,
+            memory_mb: int = 256) -> RunResult:
+        if (code is None) == (bash is None):
+            raise ValueError("give exactly one of code (a Python program) or bash (a bash script)")
+        request = RunRequest(bash if code is None else code, stdin, timeout_s, memory_mb,
+                             "bash" if code is None else "python")
+        answer = self._call("POST", f"/sessions/{self.id}/run", request.to_json(), 2 * timeout_s + self.client.timeout_s)
+        return RunResult.from_json(answer)
+
+    def close(self) -> None:
+        """Delete the session and its files; a second close, or one after the session was
+        reaped or its server died, does nothing."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._call("DELETE", f"/sessions/{self.id}", None, self.client.timeout_s)
+        except SandboxError:
+            pass  # gone already: reaped, or its server is down (and the session with it)
+
+    def __enter__(self) -> SandboxSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method: str, path: str, body: dict | None, http_timeout: float) -> dict:
+        client = self.client
+        data = None if body is None else json.dumps(body).encode()
+        for attempt in range(client.retries + 1):
+            req = urllib.request.Request(self.url + path, data=data, method=method, headers=client._headers())
+            try:
+                with urllib.request.urlopen(req, timeout=http_timeout) as r:
+                    return json.load(r)
+            except urllib.error.HTTPError as e:
+                detail = e.read().decode(errors="replace")[:500]
+                if e.code != 429 or attempt == client.retries:
+                    raise SandboxError(f"sandbox session {self.id} at {self.url}: HTTP {e.code}: {detail}") from e
+                client.retried += 1
+                client._backoff(attempt + 1, _retry_after(e))
+            except (OSError, ValueError, http.client.HTTPException) as e:
+                raise SandboxError(f"sandbox session {self.id} at {self.url}: {type(e).__name__}: {e}") from e
+        raise AssertionError("unreachable")
 
 
 _SHARED: dict[tuple[str, ...], SandboxClient] = {}

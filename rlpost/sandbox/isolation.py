@@ -19,6 +19,10 @@ from rlpost.errors import SandboxError
 
 WORKDIR = "/sandbox"  # the run's writable working directory inside the sandbox
 MAIN = f"{WORKDIR}/main.py"
+# In a session the workspace belongs to the user, so the program is mounted beside it,
+# read-only, instead of inside it.
+PROGRAM_DIR = "/.rlpost"
+BASH = "/usr/bin/bash"
 SHM_BYTES = 8 << 20
 
 # What the interpreter may need from /etc; everything else there stays outside.
@@ -74,9 +78,18 @@ def _root_binds(python: str) -> list[str]:
 BACKSTOP_GRACE_S = 5.0
 
 
-def bwrap_argv(bwrap: str, python: str, host_main: Path, disk_bytes: int, wall_limit_s: float) -> list[str]:
-    """argv running ``host_main`` (a file the sandbox may read) as /sandbox/main.py,
-    SIGKILLed inside the sandbox ``wall_limit_s + BACKSTOP_GRACE_S`` after it starts."""
+def bwrap_argv(
+    bwrap: str, python: str, host_main: Path, disk_bytes: int, wall_limit_s: float,
+    *, language: str = "python", workspace: Path | None = None,
+) -> list[str]:
+    """argv running ``host_main`` (a file the sandbox may read: a Python program, or a
+    bash script when ``language == "bash"``) in /sandbox, SIGKILLed inside the sandbox
+    ``wall_limit_s + BACKSTOP_GRACE_S`` after it starts.
+
+    Without ``workspace``, /sandbox is a fresh tmpfs of ``disk_bytes`` holding the program
+    as /sandbox/main.py (or main.sh). With it (a session), /sandbox is that host directory,
+    bound writable, and the program is mounted read-only under /.rlpost: the session's
+    workspace is the only host directory the run can see or write."""
     args = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session"]
     args += ["--hostname", "sandbox", "--clearenv"]
     for key, value in SANDBOX_ENV.items():
@@ -86,14 +99,31 @@ def bwrap_argv(bwrap: str, python: str, host_main: Path, disk_bytes: int, wall_l
     # /dev is a tmpfs of bwrap's: read-only, except a small /dev/shm for multiprocessing's
     # semaphores (both tmpfs sizes count against the run's memory cgroup).
     args += ["--size", str(SHM_BYTES), "--tmpfs", "/dev/shm", "--remount-ro", "/dev"]
-    args += ["--size", str(disk_bytes), "--perms", "0755", "--tmpfs", WORKDIR]
+    name = "main.sh" if language == "bash" else "main.py"
+    if workspace is None:
+        args += ["--size", str(disk_bytes), "--perms", "0755", "--tmpfs", WORKDIR]
+        program = f"{WORKDIR}/{name}"
+    else:
+        args += ["--bind", str(workspace), WORKDIR]
+        program = f"{PROGRAM_DIR}/{name}"
     args += ["--symlink", WORKDIR, "/tmp"]
-    args += ["--ro-bind", str(host_main), MAIN, "--chdir", WORKDIR]
+    args += ["--ro-bind", str(host_main), program, "--chdir", WORKDIR]
     args += ["--remount-ro", "/"]  # bwrap's own root tmpfs; /sandbox stays writable
-    # -u: unbuffered, so output printed before a timeout kill is still reported.
-    # -E -s: ignore PYTHON* variables and the user site directory.
     backstop = []
     timeout = "/usr/bin/timeout"  # coreutils, inside the /usr bind
     if os.path.exists(timeout):
         backstop = [timeout, "--signal=KILL", f"{wall_limit_s + BACKSTOP_GRACE_S:.1f}"]
-    return args + ["--", *backstop, python, "-u", "-E", "-s", MAIN]
+    if language == "bash":
+        return args + ["--", *backstop, BASH, "--noprofile", "--norc", program]
+    # -u: unbuffered, so output printed before a timeout kill is still reported.
+    # -E -s: ignore PYTHON* variables and the user site directory. -B: -E drops
+    # PYTHONDONTWRITEBYTECODE, and a .pyc written into a session's workspace would mask an
+    # edit made within the same second (same size, same mtime): the edit would not run.
+    if workspace is None:
+        return args + ["--", *backstop, python, "-u", "-E", "-s", "-B", MAIN]
+    # The program lives outside the workspace, but its imports should find the
+    # workspace's modules as a script there would, so /sandbox goes first on sys.path;
+    # only after runpy itself is imported (-I: no working directory on the path), so a
+    # runpy.py in the workspace cannot take over every later Python call.
+    runner = f"import runpy, sys; sys.path.insert(0, {WORKDIR!r}); runpy.run_path({program!r}, run_name='__main__')"
+    return args + ["--", *backstop, python, "-u", "-I", "-B", "-c", runner]

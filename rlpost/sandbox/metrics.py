@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import threading
 
-# Outcomes of a POST /run: the run's own status when it ran, else why it did not.
+# Outcomes of a POST /run or a session's run: the run's own status when it ran, else
+# why it did not (no_session: 404, an unknown, deleted or reaped session; session_busy:
+# 409, a call while the session's previous one still runs).
 OUTCOMES = ("ok", "timeout", "memory", "error", "queue_full", "wait_expired", "unauthorized",
-            "bad_request", "internal_error")
+            "bad_request", "internal_error", "no_session", "session_busy")
 # Seconds; a run's wall time is bounded by its timeout (at most --max-timeout-s).
 BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -56,9 +58,13 @@ class Metrics:
         served = o["ok"] + o["timeout"] + o["memory"] + o["error"]
         return {"served": served, "rejected": o["queue_full"] + o["wait_expired"], "unauthorized": o["unauthorized"]}
 
-    def prometheus(self, busy: int, queued: int, capacity: int, max_queue: int) -> str:
+    def prometheus(self, busy: int, queued: int, capacity: int, max_queue: int,
+                   sessions: tuple[int, int, dict[str, int]] = (0, 0, {})) -> str:
+        """``sessions``: (live sessions, --max-sessions, session events by name)."""
+        live, max_sessions, events = sessions
         with self._lock:
-            lines = ["# HELP rlpost_sandbox_requests_total POST /run requests by outcome (unauthorized: /metrics too).",
+            lines = ["# HELP rlpost_sandbox_requests_total Runs requested (POST /run, POST /sessions/ID/run) by "
+                     "outcome (unauthorized: every route).",
                      "# TYPE rlpost_sandbox_requests_total counter"]
             lines += [f'rlpost_sandbox_requests_total{{outcome="{k}"}} {v}' for k, v in self.outcomes.items()]
             for name, value, help_ in (
@@ -66,9 +72,15 @@ class Metrics:
                 ("queued_requests", queued, "Requests waiting for a slot."),
                 ("capacity_slots", capacity, "Runs allowed at once (--max-concurrency)."),
                 ("max_queue", max_queue, "Requests allowed to wait (--max-queue)."),
+                ("live_sessions", live, "Sessions alive now."),
+                ("max_sessions", max_sessions, "Sessions allowed at once (--max-sessions)."),
             ):
                 lines += [f"# HELP rlpost_sandbox_{name} {help_}", f"# TYPE rlpost_sandbox_{name} gauge",
                           f"rlpost_sandbox_{name} {value}"]
+            lines += ["# HELP rlpost_sandbox_sessions_total Session events: created, deleted, reaped (idle), "
+                      "refused (--max-sessions reached), over_disk (closed past --disk-mb).",
+                      "# TYPE rlpost_sandbox_sessions_total counter"]
+            lines += [f'rlpost_sandbox_sessions_total{{event="{k}"}} {v}' for k, v in events.items()]
             for name, hist, help_ in (
                 ("run_seconds", self.run_seconds, "Wall time of a run in its slot."),
                 ("queue_wait_seconds", self.queue_wait_seconds, "Time a run waited for its slot."),

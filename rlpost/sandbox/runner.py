@@ -64,25 +64,31 @@ class Sandbox:
     def describe(self) -> dict:
         return {"isolation": "bwrap", "cgroups": self.cgroups.describe(), "per_slot_uid": self.drop_uid}
 
-    def run(self, request: RunRequest, slot: int = 0) -> RunResult:
+    def run(self, request: RunRequest, slot: int = 0, workspace: Path | None = None, uid: int | None = None) -> RunResult:
+        """Run ``request`` in a fresh tmpfs, or in ``workspace`` (a session's directory on
+        the host, kept between calls) as ``uid`` (the session's own uid; None: the slot's)."""
         host_dir = Path(tempfile.mkdtemp(prefix="rlpost-sandbox-"))
         cgroup = None
         try:
             os.chmod(host_dir, 0o755)  # bwrap runs as the slot uid and must read main.py
-            (host_dir / "main.py").write_text(request.code, encoding="utf-8")
+            main = host_dir / ("main.sh" if request.language == "bash" else "main.py")
+            main.write_text(request.code, encoding="utf-8")
             (host_dir / "stdin").write_text(request.stdin, encoding="utf-8")
             disk = self.limits.disk_mb << 20
             # The tmpfs pages the run writes are charged to its cgroup as well.
             cgroup = self.cgroups.create(self.limits.max_processes, (request.memory_mb << 20) + disk + SHM_BYTES)
-            argv = bwrap_argv(self.bwrap, self.python, host_dir / "main.py", disk, request.timeout_s)
+            argv = bwrap_argv(self.bwrap, self.python, main, disk, request.timeout_s,
+                              language=request.language, workspace=workspace)
+            if uid is None and self.drop_uid:
+                uid = self.base_uid + slot
             with open(host_dir / "stdin", "rb") as stdin:
-                return self._supervise(request, self._spawn(request, slot, cgroup, argv, stdin), cgroup)
+                return self._supervise(request, self._spawn(request, uid, cgroup, argv, stdin), cgroup)
         finally:
             if cgroup is not None:
                 cgroup.remove()
             shutil.rmtree(host_dir, ignore_errors=True)
 
-    def _spawn(self, request: RunRequest, slot: int, cgroup: RunCgroup | None, argv, stdin) -> subprocess.Popen:
+    def _spawn(self, request: RunRequest, uid: int | None, cgroup: RunCgroup | None, argv, stdin) -> subprocess.Popen:
         cpu = math.ceil(request.timeout_s)
         rlimits = {
             "RLIMIT_AS": [request.memory_mb << 20] * 2,
@@ -91,13 +97,13 @@ class Sandbox:
             "RLIMIT_CORE": [0, 0],
             "RLIMIT_NOFILE": [256, 256],
         }
-        if self.drop_uid:  # as a non-root user it would count all of that user's processes
+        if uid is not None:  # as a non-root user it would count all of that user's processes
             rlimits["RLIMIT_NPROC"] = [self.limits.max_processes] * 2
         spec = {
             "cgroup_procs": cgroup.procs_files if cgroup else [],
             "rlimits": rlimits,
-            "uid": self.base_uid + slot if self.drop_uid else None,
-            "gid": self.base_uid + slot if self.drop_uid else None,
+            "uid": uid,
+            "gid": uid,
             "env": SANDBOX_ENV,
             "server_pid": os.getpid(),
         }

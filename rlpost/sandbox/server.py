@@ -6,6 +6,12 @@
                      429 queue full or no slot within the wait (Retry-After), 500 internal
     GET  /health  -> 200 {"status": "ok", "busy", "queued", "capacity", "rejected", "served", ...}
     GET  /metrics -> 200 Prometheus text format (401 without the token, when one is set)
+    POST   /sessions          {"files": {path: text}}  -> 201 {"session_id", "idle_s", "url"}
+    POST   /sessions/ID/run   as POST /run, in the session's workspace (404 gone, 409 busy)
+    DELETE /sessions/ID       -> 200 {"deleted": ID}
+
+Sessions (``rlpost.sandbox.sessions``) keep a workspace across runs; their runs take a
+slot through the same queue, under the same limits and the same token.
 
 A stdlib ``ThreadingHTTPServer``: one thread per connection, while a pool of slots
 (``Limits.max_concurrency``) bounds how many programs run at once. A request finding no
@@ -38,6 +44,7 @@ from rlpost.errors import SandboxError
 from rlpost.sandbox.admission import QUEUE_FULL, WAIT_EXPIRED, SlotPool
 from rlpost.sandbox.metrics import Metrics
 from rlpost.sandbox.runner import BASE_UID, Sandbox
+from rlpost.sandbox.sessions import Session, SessionBusy, SessionGone, SessionsFull, SessionStore, UploadError, check_files
 from rlpost.sandbox.types import Limits, RunRequest
 
 
@@ -56,13 +63,17 @@ class SandboxHTTPServer(ThreadingHTTPServer):
         max_queue: int = 0,
         max_queue_wait_s: float = 30.0,
         token: str | None = None,
+        advertise_url: str | None = None,
     ):
         super().__init__(address, _Handler)
+        self.advertise_url = advertise_url
         self.sandbox = sandbox
         self.pool = SlotPool(sandbox.limits.max_concurrency, max_queue)
         self.max_queue_wait_s = max_queue_wait_s
         self.token = token.encode() if token else None
         self.metrics = Metrics()
+        # Session uids follow the slot uids: base_uid + capacity + session index.
+        self.sessions = SessionStore(sandbox.limits, sandbox.base_uid + self.pool.capacity if sandbox.drop_uid else None)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that hung up (reset, broken pipe) is its own business, not a traceback on stderr.
@@ -85,7 +96,8 @@ class SandboxHTTPServer(ThreadingHTTPServer):
     def health(self) -> dict[str, Any]:
         busy, queued = self.pool.usage()
         return {"status": "ok", "capacity": self.pool.capacity, "max_queue": self.pool.max_queue, "busy": busy,
-                "queued": queued, **self.metrics.summary(), **self.sandbox.describe()}
+                "queued": queued, "sessions": self.sessions.count(), "max_sessions": self.sandbox.limits.max_sessions,
+                **self.metrics.summary(), **self.sandbox.describe(), **self.sessions.describe()}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -128,59 +140,144 @@ class _Handler(BaseHTTPRequestHandler):
         elif self.path == "/metrics":
             if not self._refuse_unauthorized():
                 busy, queued = self.server.pool.usage()
+                store = self.server.sessions
                 self._reply_text(200, self.server.metrics.prometheus(
-                    busy, queued, self.server.pool.capacity, self.server.pool.max_queue))
+                    busy, queued, self.server.pool.capacity, self.server.pool.max_queue,
+                    (store.count(), store.limits.max_sessions, dict(store.events))))
         else:
             self._reply(404, {"error": f"no route GET {self.path}; try GET /health, GET /metrics or POST /run"})
 
     def do_POST(self) -> None:  # noqa: N802
-        if self.path != "/run":
-            self._reply(404, {"error": f"no route POST {self.path}; try POST /run"})
+        parts = self.path.strip("/").split("/")
+        if parts == ["run"]:
+            route = self._run
+        elif parts == ["sessions"]:
+            route = self._create_session
+        elif len(parts) == 3 and parts[0] == "sessions" and parts[2] == "run":
+            route = lambda: self._run(parts[1])  # noqa: E731
+        else:
+            self._reply(404, {"error": f"no route POST {self.path}; try POST /run, POST /sessions "
+                                       "or POST /sessions/ID/run"})
+            return
+        if not self._refuse_unauthorized():
+            route()
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        parts = self.path.strip("/").split("/")
+        if len(parts) != 2 or parts[0] != "sessions":
+            self._reply(404, {"error": f"no route DELETE {self.path}; try DELETE /sessions/ID"})
             return
         if self._refuse_unauthorized():
             return
-        metrics = self.server.metrics
-        limits = self.server.sandbox.limits
+        try:
+            self.server.sessions.delete(parts[1])
+        except SessionGone as e:
+            self._reply(404, {"error": str(e)})
+            return
+        self._reply(200, {"deleted": parts[1]})
+
+    def _read_json(self, max_bytes: int) -> Any:
+        """The decoded body, or ``_NO_BODY`` after answering 400/413 (counted)."""
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             length = -1
         if length < 0:
             self.close_connection = True
-            metrics.outcome("bad_request")
+            self.server.metrics.outcome("bad_request")
             self._reply(400, {"error": "a valid Content-Length header is required"})
-            return
-        if length > 2 * (limits.max_code_bytes + limits.max_stdin_bytes) + 4096:
+            return _NO_BODY
+        if length > max_bytes:
             self.close_connection = True  # the body stays unread
-            metrics.outcome("bad_request")
-            self._reply(413, {"error": f"body of {length} bytes is too large"})
+            self.server.metrics.outcome("bad_request")
+            self._reply(413, {"error": f"body of {length} bytes is too large (at most {max_bytes})"})
+            return _NO_BODY
+        try:
+            return json.loads(self.rfile.read(length) or b"null")
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            self.server.metrics.outcome("bad_request")
+            self._reply(400, {"error": f"body is not JSON: {e}"})
+            return _NO_BODY
+
+    def _create_session(self) -> None:
+        limits = self.server.sandbox.limits
+        # JSON may spell a character in up to 6 bytes (\u00e9); the decoded files are then
+        # held to the upload limit itself.
+        data = self._read_json(6 * limits.max_upload_bytes + 64 * limits.max_upload_files + 4096)
+        if data is _NO_BODY:
             return
         try:
-            request = RunRequest.parse(json.loads(self.rfile.read(length) or b"null"), limits)
-        except ValueError as e:  # json.JSONDecodeError is a ValueError too
+            if not isinstance(data, dict) or set(data) - {"files"}:
+                raise UploadError("body must be a JSON object with at most the field files: {path: text}")
+            session = self.server.sessions.create(check_files(data.get("files"), limits))
+        except UploadError as e:
+            self.server.metrics.outcome("bad_request")
+            self._reply(400, {"error": str(e)})
+            return
+        except SessionsFull as e:
+            # Sessions end as episodes end; the client retries after Retry-After.
+            self._reply(429, {"error": f"{e}; delete finished sessions or raise --max-sessions"},
+                        {"Retry-After": "5"})
+            return
+        # url: where the session's calls must go. Behind a load balancer (a Kubernetes
+        # Service) the next connection may reach another server, which does not have it.
+        self._reply(201, {"session_id": session.id, "idle_s": limits.session_idle_s, "url": self.server.advertise_url})
+
+    def _run(self, session_id: str | None = None) -> None:
+        metrics = self.server.metrics
+        limits = self.server.sandbox.limits
+        data = self._read_json(2 * (limits.max_code_bytes + limits.max_stdin_bytes) + 4096)
+        if data is _NO_BODY:
+            return
+        try:
+            request = RunRequest.parse(data, limits)
+        except ValueError as e:
             metrics.outcome("bad_request")
             self._reply(400, {"error": str(e)})
             return
+        session: Session | None = None
+        if session_id is not None:
+            try:
+                session = self.server.sessions.checkout(session_id)
+            except (SessionGone, SessionBusy) as e:
+                gone = isinstance(e, SessionGone)
+                metrics.outcome("no_session" if gone else "session_busy")
+                self._reply(404 if gone else 409, {"error": str(e)})
+                return
+        try:
+            code, body, headers = self._run_in_slot(request, session)
+        finally:
+            closed = self.server.sessions.checkin(session) if session is not None else None
+        if closed and code == 200:  # the run itself broke the session's disk cap
+            body = {**body, "status": "error", "stderr": body["stderr"] + f"[sandbox] {closed}\n"}
+        self._reply(code, body, headers)
+
+    def _run_in_slot(self, request: RunRequest, session: Session | None) -> tuple[int, dict, dict]:
+        """Wait for a slot, run, count: the answer to send."""
+        metrics = self.server.metrics
         queued_at = time.monotonic()
         slot = self.server.pool.acquire(min(self.server.max_queue_wait_s, request.timeout_s))
         if slot in (QUEUE_FULL, WAIT_EXPIRED):
             metrics.outcome(str(slot))
             why = "the queue is full" if slot == QUEUE_FULL else "no slot freed up within the request's wait"
-            self._reply(429, {"error": f"all sandbox slots are busy and {why}"},
-                        {"Retry-After": str(self.server.retry_after_s())})
-            return
+            return 429, {"error": f"all sandbox slots are busy and {why}"}, {"Retry-After": str(self.server.retry_after_s())}
         assert isinstance(slot, int)
         started = time.monotonic()
         try:
-            result = self.server.sandbox.run(request, slot)
+            if session is None:
+                result = self.server.sandbox.run(request, slot)
+            else:
+                result = self.server.sandbox.run(request, slot, session.workspace, session.uid)
         except Exception as e:  # noqa: BLE001 - an infrastructure fault is a 500, the client retries
             metrics.outcome("internal_error")
-            self._reply(500, {"error": f"{type(e).__name__}: {e}"})
-            return
+            return 500, {"error": f"{type(e).__name__}: {e}"}, {}
         finally:
             self.server.pool.release(slot)
         metrics.ran(result.status, time.monotonic() - started, started - queued_at)
-        self._reply(200, result.to_json())
+        return 200, result.to_json(), {}
+
+
+_NO_BODY = object()  # _read_json already answered
 
 
 def is_loopback(host: str) -> bool:
@@ -202,6 +299,7 @@ def serve(
     max_queue: int = 32,
     max_queue_wait_s: float = 30.0,
     token: str | None = None,
+    advertise_url: str | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT. Prints ``listening on http://HOST:PORT`` once ready
     (the real port when ``port=0``). Refuses to bind beyond loopback without a token."""
@@ -218,7 +316,8 @@ def serve(
     if check.status != "ok" or check.stdout != "42\n":
         raise SandboxError(f"the sandbox cannot run a trivial program on this host: {check}")
     httpd = SandboxHTTPServer((host, port), sandbox, max_queue=max_queue, max_queue_wait_s=max_queue_wait_s,
-                              token=token)
+                              token=token, advertise_url=advertise_url)
+    httpd.sessions.start_reaper()
     # shutdown() must come from another thread than serve_forever's.
     stop = lambda *_: threading.Thread(target=httpd.shutdown, daemon=True).start()  # noqa: E731
     signal.signal(signal.SIGTERM, stop)
@@ -228,6 +327,7 @@ def serve(
         httpd.serve_forever()
     finally:
         httpd.server_close()
+        httpd.sessions.close()  # unmounts and removes every workspace
 
 
 def start_local(

@@ -1,8 +1,8 @@
 """What crosses the sandbox's HTTP boundary: a run request, its result, the server's limits.
 
 The wire format is JSON with exactly these field names:
-request ``{"code", "stdin", "timeout_s", "memory_mb"}``, answer
-``{"status", "stdout", "stderr", "exit_code"}``.
+request ``{"code" | "bash", "stdin", "timeout_s", "memory_mb"}`` (a Python program in
+``code`` or a bash script in ``bash``), answer ``{"status", "stdout", "stderr", "exit_code"}``.
 """
 
 from __future__ import annotations
@@ -61,6 +61,12 @@ class Limits:
     max_processes: int = 32  # pids cgroup limit and RLIMIT_NPROC of the run's uid
     disk_mb: int = 64  # size of the writable tmpfs (the working directory)
     max_file_mb: int = 16  # RLIMIT_FSIZE
+    # Stateful sessions (rlpost.sandbox.sessions): how many may live at once, how long one
+    # may sit unused before it is reaped, and what may be uploaded into one at creation.
+    max_sessions: int = 64
+    session_idle_s: float = 600.0
+    max_upload_bytes: int = 4 << 20  # all files' contents together
+    max_upload_files: int = 256
 
     def __post_init__(self) -> None:
         bad = [k for k, v in asdict(self).items() if not v > 0]
@@ -70,12 +76,16 @@ class Limits:
             )
 
 
+LANGUAGES = ("python", "bash")
+
+
 @dataclass(frozen=True)
 class RunRequest:
-    code: str
+    code: str  # the program text, in ``language``
     stdin: str = ""
     timeout_s: float = 5.0
     memory_mb: int = 256
+    language: str = "python"  # "python" (``"code"`` on the wire) or "bash" (``"bash"``)
 
     @classmethod
     def parse(cls, data: Any, limits: Limits) -> RunRequest:
@@ -83,12 +93,15 @@ class RunRequest:
         HTTP 400 answer."""
         if not isinstance(data, dict):
             raise ValueError("body must be a JSON object")
-        unknown = sorted(set(data) - {"code", "stdin", "timeout_s", "memory_mb"})
+        unknown = sorted(set(data) - {"code", "bash", "stdin", "timeout_s", "memory_mb"})
         if unknown:
-            raise ValueError(f"unknown fields {unknown}; valid: code, stdin, timeout_s, memory_mb")
-        code, stdin = data.get("code"), data.get("stdin", "")
+            raise ValueError(f"unknown fields {unknown}; valid: code or bash, stdin, timeout_s, memory_mb")
+        if "code" in data and "bash" in data:
+            raise ValueError("give either code (a Python program) or bash (a bash script), not both")
+        language = "bash" if "bash" in data else "python"
+        code, stdin = data.get("bash" if language == "bash" else "code"), data.get("stdin", "")
         if not isinstance(code, str) or not isinstance(stdin, str):
-            raise ValueError("code and stdin must be strings")
+            raise ValueError("code and stdin must be strings (or bash instead of code)")
         if len(code.encode()) > limits.max_code_bytes or len(stdin.encode()) > limits.max_stdin_bytes:
             raise ValueError(f"code and stdin are limited to {limits.max_code_bytes} bytes each")
         timeout_s, memory_mb = data.get("timeout_s", 5.0), data.get("memory_mb", 256)
@@ -100,4 +113,8 @@ class RunRequest:
             raise ValueError("memory_mb must be an integer")
         if not limits.min_memory_mb <= memory_mb <= limits.max_memory_mb:
             raise ValueError(f"memory_mb must be in [{limits.min_memory_mb}, {limits.max_memory_mb}], got {memory_mb}")
-        return cls(code, stdin, float(timeout_s), memory_mb)
+        return cls(code, stdin, float(timeout_s), memory_mb, language)
+
+    def to_json(self) -> dict[str, Any]:
+        key = "bash" if self.language == "bash" else "code"
+        return {key: self.code, "stdin": self.stdin, "timeout_s": self.timeout_s, "memory_mb": self.memory_mb}

@@ -1,7 +1,8 @@
 """Multi-turn episodes through Ray: the env pool's actors isolate crashes and hangs, the
 built-in environments reach the real sandbox service from an env actor, and the
-grpo_math_tool recipe runs 2 steps with `python -m rlpost.train` against the real
-sandbox service (the tool model calls tools; which ones is up to the model)."""
+grpo_math_tool and grpo_terminal recipes run 2 steps with `python -m rlpost.train`
+against the real sandbox service (the tool model calls tools; which ones is up to the
+model; the terminal recipe's episodes each live in a sandbox session)."""
 
 import json
 import os
@@ -129,3 +130,41 @@ def test_grpo_math_tool_two_steps_through_ray_with_the_sandbox(tmp_path, sandbox
         assert row["rollout/policy_version"] == row["step"] - 1
     samples = (out / "samples.jsonl").read_text()
     assert "<tool_response>" in samples
+
+
+def test_grpo_terminal_two_steps_through_ray_with_sessions(tmp_path, sandbox_url):
+    """The terminal recipe end to end: every episode opens a sandbox session with its
+    repository from an env actor, checks the test there, and deletes it at the end. (The
+    tiny model was never taught this task, so the reward is 0: what is checked is the
+    plumbing.)"""
+    out = tmp_path / "run"
+    env_file = REPO / "environments" / "fix_test.py"
+    args = ["+recipe=grpo_terminal", "trainer.total_steps=2", "data.train_batch_size=4", "rollout.n=4",
+            "eval.size=4", "eval.every=2", "trainer.save_every=0", "reward.workers=1", "env.workers=2",
+            "ray.num_cpus=6", f"env.fn={env_file}:FixTestEnv", f"data.generator={env_file}:make_rows",
+            f"env.kwargs.sandbox_url={sandbox_url}", f"output_dir={out}"]
+    proc = subprocess.run([sys.executable, "-m", "rlpost.train", *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=900, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        assert row["env/episodes"] == 16 and row["env/episodes_failed"] == 0
+        assert row["policy/skipped"] == 0.0 and row["rollout/policy_version"] == row["step"] - 1
+    assert rows[0]["eval/episodes_failed"] == 0 and rows[0]["eval/num_prompts"] == 4
+    # 2 steps x 16 episodes + 2 evals x 4, each in a session of its own, all deleted.
+    import time
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    deadline = time.monotonic() + 10  # the last closes are fire-and-forget
+    while True:
+        with urllib.request.urlopen(sandbox_url + "/metrics", timeout=10) as r:
+            families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+        events = {s.labels["event"]: s.value for s in families["rlpost_sandbox_sessions"].samples}
+        live = families["rlpost_sandbox_live_sessions"].samples[0].value
+        if live == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert live == 0 and events["created"] == events["deleted"] >= 40 and events["reaped"] == 0, events

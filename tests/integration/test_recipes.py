@@ -1,9 +1,11 @@
 """Every shipped recipe runs 2 real steps: the real controller, FSDP2 engine (one
 gloo rank in this process), HF rollout engine and the recipe's algorithm, on the
 built-in tiny model. In-process groups (rlpost.local) keep this fast; the Ray path
-is covered by test_train_e2e.py."""
+is covered by test_train_e2e.py. Recipes whose environment needs the sandbox service
+get a local one (skipped, like tests/integration/test_sandbox.py, without bubblewrap)."""
 
 import math
+import shutil
 
 import pytest
 
@@ -24,15 +26,40 @@ from rlpost.train import cache_root
 pytestmark = pytest.mark.integration
 
 
+NEEDS_SANDBOX = {"grpo_terminal"}  # env.kwargs.sandbox_url is required
+
+
 @pytest.fixture(scope="module")
 def model_path():
     return resolve_model_path("builtin:tiny-math")
 
 
+@pytest.fixture(scope="module")
+def sandbox():
+    """Starts a sandbox server on first use; yields a function returning its URL."""
+    started = []
+
+    def url():
+        if shutil.which("bwrap") is None:
+            pytest.skip("bubblewrap (bwrap) not installed: apt-get install bubblewrap")
+        if not started:
+            from rlpost.sandbox.server import start_local
+
+            started.append(start_local(0))
+        return started[0][1]
+
+    yield url
+    if started:
+        from rlpost.sandbox.server import stop_local
+
+        stop_local(started[0][0])
+
+
 @pytest.mark.parametrize("recipe", group_options("recipe"))
-def test_recipe_runs_two_steps(recipe, process_group, model_path, tmp_path):
+def test_recipe_runs_two_steps(recipe, process_group, model_path, sandbox, tmp_path):
+    extra = [f"env.kwargs.sandbox_url={sandbox()}"] if recipe in NEEDS_SANDBOX else []
     cfg = load_config([f"+recipe={recipe}", "trainer.total_steps=2", "data.train_batch_size=4",
-                       "rollout.n=4", "eval.every=0", "trainer.save_every=0", f"output_dir={tmp_path}"])
+                       "rollout.n=4", "eval.every=0", "trainer.save_every=0", f"output_dir={tmp_path}", *extra])
     if cfg.model.path != "builtin:tiny-math":  # e.g. grpo_math_tool's builtin:tiny-math-tool
         model_path = resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(model_path)
