@@ -204,8 +204,9 @@ class TrainerConfig:
     packing: bool = False  # concatenate a micro-batch's rows into one row (no padding compute)
     logprob_chunk_tokens: int = 0  # > 0: float32 log-softmax this many tokens at a time
     # Rows with a common prefix (a prompt's completions) run it once per micro-batch
-    # (rlpost.engines.prefix); same result as the padded forward.
-    share_prompt: bool = False
+    # (rlpost.engines.prefix); same result as the padded forward. null = auto: on for
+    # CPU engines where it applies (rlpost.engines.prefix.enabled).
+    share_prompt: bool | None = None
     zero_stage: int = 2  # deepspeed only: ZeRO stage 1 | 2 | 3
     offload_optimizer: bool = False  # deepspeed only: optimizer state in CPU memory
     offload_params: bool = False  # deepspeed only (zero_stage 3): parameters in CPU memory

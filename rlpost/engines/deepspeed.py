@@ -38,6 +38,7 @@ shards only what an optimizer holds, and ZeRO-3 inference sharding is not wired.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterator
 
@@ -45,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from rlpost.config.schema import ModelConfig, TrainerConfig
-from rlpost.engines import hf_io, lora, microbatch
+from rlpost.engines import hf_io, lora, microbatch, prefix
 from rlpost.engines.base import LossFn
 from rlpost.engines.fsdp import MODEL_FILE, OPTIMIZER_FILE, lr_factor, sequence_values
 from rlpost.errors import ConfigError, ModelError
@@ -122,11 +123,15 @@ class DeepSpeedEngine:
             logit_temperature=logit_temperature if logit_temperature > 0 else 1.0,
             packing=bool(trainer_cfg and trainer_cfg.packing) and head == "lm",  # a critic runs padded rows
             logprob_chunk_tokens=trainer_cfg.logprob_chunk_tokens if trainer_cfg else 0,
-            share_prompt=bool(trainer_cfg and trainer_cfg.share_prompt) and head == "lm")
+            share_prompt=False)  # decided once the model is loaded (prefix.enabled)
         torch.manual_seed(seed)
         load = hf_io.load_value_model if head == "value" else hf_io.load_causal_lm
         model = load(model_path, model_cfg, torch.float32 if trainable else self.dtype,
                      gradient_checkpointing=trainable and model_cfg.gradient_checkpointing)
+        if trainer_cfg is not None and head == "lm":
+            self.opts = dataclasses.replace(self.opts, share_prompt=prefix.enabled(
+                trainer_cfg.share_prompt, self.device, trainer_cfg.packing,
+                trainable and model_cfg.gradient_checkpointing, model.config))
         self._aliases = hf_io.shared_parameter_aliases(model)
         self.engine = self.optimizer = self.scheduler = None
         if not trainable:

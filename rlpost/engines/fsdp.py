@@ -42,7 +42,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from rlpost.config.schema import ModelConfig, TrainerConfig
-from rlpost.engines import hf_io, lora, microbatch
+from rlpost.engines import hf_io, lora, microbatch, prefix
 from rlpost.engines.base import LossFn
 from rlpost.errors import ConfigError, ModelError
 from rlpost.types import ModelOutput, TrainBatch
@@ -159,12 +159,16 @@ class FSDPEngine:
         self._forward_opts = microbatch.ForwardOptions(
             self.logit_temperature, packing=bool(trainer_cfg and trainer_cfg.packing),
             logprob_chunk_tokens=trainer_cfg.logprob_chunk_tokens if trainer_cfg else 0,
-            share_prompt=bool(trainer_cfg and trainer_cfg.share_prompt) and head == "lm")
+            share_prompt=False)  # decided once the model is loaded (prefix.enabled)
         self.dtype = _DTYPES[model_cfg.dtype]  # dtype weights leave the engine in
         # bf16 training keeps fp32 master weights; see module docstring.
         master_dtype = torch.float32 if trainable else self.dtype
         torch.manual_seed(seed)
         self.model = self._load(model_path, master_dtype)
+        if trainer_cfg is not None and head == "lm":
+            self._forward_opts = dataclasses.replace(self._forward_opts, share_prompt=prefix.enabled(
+                trainer_cfg.share_prompt, self.device, trainer_cfg.packing,
+                self.trainable and model_cfg.gradient_checkpointing, self.model.config))
         # name -> name of the first parameter it shares storage with (tied embeddings).
         self._aliases = hf_io.shared_parameter_aliases(self.model)
         # LoRA (model.lora.rank > 0) on the trainable policy only; see rlpost.engines.lora.

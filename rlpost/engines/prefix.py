@@ -33,6 +33,21 @@ from rlpost.errors import ModelError
 from rlpost.types import ModelOutput
 
 
+def enabled(setting: bool | None, device: torch.device, packing: bool, checkpointing: bool, config) -> bool:
+    """``trainer.share_prompt`` for an engine: ``True``/``False`` as set; ``None`` (auto)
+    turns it on where it was measured faster and applies: a CPU engine (train steps
+    0.54-0.71 of the padded forward's time on the 24M and 0.6M shapes,
+    docs/performance.md; not measured on GPUs yet, where it stays off), without
+    ``trainer.packing`` or activation checkpointing (which it cannot combine with),
+    and a model whose every layer keeps full attention (``config.layer_types``: a
+    sliding-window or linear-attention layer has no plain key/value cache)."""
+    if setting is not None:
+        return setting
+    layer_types = getattr(config, "layer_types", None) or ()
+    return (device.type == "cpu" and not packing and not checkpointing
+            and all(t == "full_attention" for t in layer_types))
+
+
 @dataclass(frozen=True)
 class PrefixPlan:
     """``group[b]``: the group of row b; ``prefix[g]``: the shared prefix length of

@@ -159,3 +159,21 @@ def test_config_refuses_what_share_prompt_cannot_run(override, reason):
     load_config([override])  # fine without share_prompt
     with pytest.raises(ConfigError, match=rf"trainer\.share_prompt.*{reason}"):
         load_config(["trainer.share_prompt=true", override])
+
+
+def test_auto_turns_sharing_on_only_where_it_applies_and_was_measured():
+    from types import SimpleNamespace
+
+    from rlpost.engines.prefix import enabled
+
+    cpu, gpu = torch.device("cpu"), torch.device("meta")  # any non-CPU device stands for a GPU
+    full = SimpleNamespace(layer_types=["full_attention"] * 2)
+    assert enabled(None, cpu, packing=False, checkpointing=False, config=full)
+    assert enabled(None, cpu, packing=False, checkpointing=False, config=SimpleNamespace())  # no layer_types
+    assert not enabled(None, gpu, packing=False, checkpointing=False, config=full)
+    assert not enabled(None, cpu, packing=True, checkpointing=False, config=full)
+    assert not enabled(None, cpu, packing=False, checkpointing=True, config=full)
+    hybrid = SimpleNamespace(layer_types=["full_attention", "sliding_attention"])
+    assert not enabled(None, cpu, packing=False, checkpointing=False, config=hybrid)
+    assert enabled(True, gpu, packing=False, checkpointing=False, config=hybrid)  # as set: errors are the forward's
+    assert not enabled(False, cpu, packing=False, checkpointing=False, config=full)
