@@ -10,6 +10,8 @@ are picked by name through these registries:
 - ``KL_ESTIMATORS`` (``algorithm.kl_estimator``): ``(logp, ref_logp) -> [B, T]``.
 - ``POLICY_LOSSES`` (``algorithm.policy_loss``):
   ``(logp, old_logp, advantages, mask, **options) -> (loss[B, T], metrics)``.
+- ``OFF_POLICY_CORRECTIONS`` (``algorithm.off_policy.correction``): weights of each
+  token's loss from the behaviour ratio ``pi_old / pi_rollout`` (``off_policy.py``).
 - ``LOSS_AGGREGATIONS`` (``algorithm.loss_agg``):
   ``(values, mask, global_num_tokens, global_num_seqs, norm_len) -> scalar``.
 
@@ -63,6 +65,14 @@ from rlpost.algorithms.loss_fn import (
     value_loss_fn,
 )
 from rlpost.algorithms.losses import cispo, clipped_value_loss, gspo, ppo_clip, ppo_clip_loss
+from rlpost.algorithms.off_policy import (
+    OFF_POLICY_CORRECTIONS,
+    OffPolicyCorrection,
+    behaviour_ratios,
+    correction_of,
+    off_policy_metrics,
+    off_policy_weights,
+)
 from rlpost.algorithms.registry import ALGORITHMS, POLICY_LOSSES, make_algorithm
 
 __all__ = [
@@ -79,4 +89,6 @@ __all__ = [
     "PolicyLossSpec", "ValueLossSpec", "policy_loss_fn", "value_loss_fn",
     "make_policy_loss_fn", "make_value_loss_fn", "make_advantage_fn",
     "dynamic_sampling_keep", "overlong_penalty", "overlong_filter_mask",
+    "OFF_POLICY_CORRECTIONS", "OffPolicyCorrection", "behaviour_ratios", "correction_of", "off_policy_weights",
+    "off_policy_metrics",
 ]

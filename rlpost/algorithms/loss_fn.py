@@ -23,6 +23,7 @@ import torch
 from rlpost.algorithms.aggregation import LOSS_AGGREGATIONS, USES_NORM_LEN, USES_NUM_SEQS, token_mean
 from rlpost.algorithms.kl import KL_ESTIMATORS, kl_k3
 from rlpost.algorithms.losses import clipped_value_loss
+from rlpost.algorithms.off_policy import OffPolicyCorrection, correction_of, off_policy_weights
 from rlpost.algorithms.registry import POLICY_LOSSES, make_algorithm
 
 
@@ -37,11 +38,15 @@ class PolicyLossSpec:
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
     norm_len: float = 0.0  # the constant L of seq-mean-token-sum-norm
-    tis_cap: float | None = None  # truncated importance sampling cap; None = off
+    tis_cap: float | None = None  # truncated importance sampling cap; None = off (= off_policy token_tis)
+    off_policy: OffPolicyCorrection = OffPolicyCorrection()  # rlpost.algorithms.off_policy
 
     def check(self) -> None:
         if self.tis_cap is not None and self.tis_cap < 1:
             raise ValueError(f"tis_cap must be None or >= 1, got {self.tis_cap}")
+        if self.tis_cap is not None and self.off_policy.enabled:
+            raise ValueError(f"tis_cap is off_policy token_tis; set one, not both (off_policy={self.off_policy.kind})")
+        self.off_policy.check()
         if self.policy_loss not in POLICY_LOSSES:
             raise ValueError(f"policy_loss must be one of {sorted(POLICY_LOSSES)}, got {self.policy_loss!r}")
         if self.loss_agg not in LOSS_AGGREGATIONS:
@@ -59,6 +64,12 @@ class PolicyLossSpec:
         if self.policy_loss == "ppo_clip":
             options["dual_clip_c"] = self.dual_clip_c
         return options
+
+    def correction(self) -> OffPolicyCorrection:
+        """The off-policy correction in force (``tis_cap`` is ``token_tis``)."""
+        if self.tis_cap is not None:
+            return OffPolicyCorrection("token_tis", cap=self.tis_cap)
+        return self.off_policy
 
 
 def _denominators(loss_agg: str, mb, norm_len: float) -> dict:
@@ -84,9 +95,14 @@ def policy_loss_fn(spec: PolicyLossSpec, out, mb) -> tuple[torch.Tensor, dict[st
     per_token, loss_metrics = POLICY_LOSSES[spec.policy_loss](
         out.logprobs, old, mb.advantages, mask, **spec.loss_options())
     tis_metrics = {}
-    if spec.tis_cap is not None and mb.rollout_logprobs is not None:
-        weight, tis_metrics = truncated_is_weights(old, mb.rollout_logprobs, mask, spec.tis_cap, n)
+    correction = spec.correction()
+    if correction.enabled and mb.rollout_logprobs is not None:
+        # Weights carry no gradient: the correction reweighs the loss, it is not optimised.
+        weight, rho, hit = off_policy_weights(correction, old, mb.rollout_logprobs, mask)
         per_token = per_token * weight
+        if correction.kind == "token_tis":  # the names runs with algorithm.tis_cap have always logged
+            tis_metrics = {"policy/tis_ratio_mean": token_mean(rho, mask, n).item(),
+                           "policy/tis_capped_frac": token_mean(hit.float(), mask, n).item()}
     loss = aggregate(per_token, mask)
     metrics = {"policy/pg_loss": loss.item(), **tis_metrics}
     for name, value in loss_metrics.items():
@@ -104,24 +120,6 @@ def policy_loss_fn(spec: PolicyLossSpec, out, mb) -> tuple[torch.Tensor, dict[st
         metrics["policy/entropy"] = token_mean(out.entropy.detach(), mask, n).item()
     metrics["policy/loss"] = loss.item()
     return loss, metrics
-
-
-def truncated_is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor,
-                         cap: float, global_num_tokens: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """``min(pi_old / pi_rollout, cap)`` per token ([B, T], no gradient) and additive
-    metrics (token means over ``global_num_tokens``).
-
-    The rollout engine samples from slightly different numbers than the trainer
-    computes (other kernels, bf16, a stale policy in async modes), so PPO's "old"
-    policy is not the sampling policy. Truncated importance sampling (Yao et al. 2025,
-    "Your efficient RL framework secretly brings you off-policy RL training")
-    reweights each token by the ratio of the two, capped to bound the variance.
-    """
-    log_ratio = (old_logprobs - rollout_logprobs).clamp(-20.0, 20.0) * mask
-    ratio = log_ratio.exp()
-    weight = ratio.clamp(max=cap).detach()
-    return weight, {"policy/tis_ratio_mean": token_mean(ratio, mask, global_num_tokens).item(),
-                    "policy/tis_capped_frac": token_mean((ratio > cap).float(), mask, global_num_tokens).item()}
 
 
 def make_policy_loss_fn(cfg, *, max_response_len: int | None = None):
@@ -142,6 +140,7 @@ def make_policy_loss_fn(cfg, *, max_response_len: int | None = None):
         entropy_coef=cfg.entropy_coef,
         norm_len=float(cfg.loss_norm_len or max_response_len or 0),
         tis_cap=cfg.tis_cap,
+        off_policy=correction_of(cfg) if cfg.tis_cap is None else OffPolicyCorrection(),
     )
     spec.check()
     return functools.partial(policy_loss_fn, spec)

@@ -261,6 +261,30 @@ class TrainerConfig:
 
 
 @dataclass
+class OffPolicyConfig:
+    """Off-policy correction against the sampler's log-probs (rlpost.algorithms.off_policy,
+    docs/algorithms.md#off-policy-corrections): each token's policy loss is weighed by
+    the behaviour ratio rho = pi_old / pi_rollout, per token or per sequence (geometric
+    mean), truncated at ``cap`` (*_tis) or zeroed outside [low, high] (*_mask)."""
+
+    correction: str = "none"  # none | token_tis | token_mask | seq_tis | seq_mask
+    cap: float = 2.0  # token_tis, seq_tis: w = min(rho, cap)
+    low: float = 0.5  # token_mask, seq_mask: w = rho inside [low, high], 0 outside
+    high: float = 2.0
+
+    def check(self) -> None:
+        from rlpost.algorithms.off_policy import OFF_POLICY_CORRECTIONS
+
+        _require(self.correction in OFF_POLICY_CORRECTIONS, "algorithm.off_policy.correction",
+                 f"must be one of {', '.join(OFF_POLICY_CORRECTIONS)}, got {self.correction!r}")
+        _require(self.cap >= 1, "algorithm.off_policy.cap",
+                 f"must be >= 1 (the weight of an on-policy token is 1; e.g. 2), got {self.cap}")
+        _require(0 <= self.low <= 1 <= self.high, "algorithm.off_policy.low/high",
+                 f"must hold the on-policy ratio 1: 0 <= low <= 1 <= high (IcePop: 0.5 and 5), "
+                 f"got low={self.low}, high={self.high}")
+
+
+@dataclass
 class AlgorithmConfig:
     # The algorithm (rlpost.algorithms.registry.ALGORITHMS): what a step needs and how it
     # computes advantages. adv_estimator / policy_loss null = the algorithm's own; set,
@@ -295,7 +319,10 @@ class AlgorithmConfig:
     # Truncated importance sampling (Yao et al. 2025): weight each token's policy loss
     # by min(pi_old / pi_rollout, tis_cap) to correct for the rollout engine's
     # numerical mismatch with the trainer (and for stale samples); null = off.
+    # The same as off_policy.correction=token_tis with off_policy.cap=tis_cap (kept for
+    # the recipes and runs that set it).
     tis_cap: float | None = None
+    off_policy: OffPolicyConfig = field(default_factory=OffPolicyConfig)
 
     def check(self) -> None:
         from rlpost.algorithms import KL_ESTIMATORS, LOSS_AGGREGATIONS, make_algorithm
@@ -321,6 +348,11 @@ class AlgorithmConfig:
         _require(self.value_clip is None or self.value_clip > 0, "algorithm.value_clip", "must be null (off) or > 0")
         _require(self.tis_cap is None or self.tis_cap >= 1, "algorithm.tis_cap",
                  f"must be null (off) or >= 1 (e.g. 2), got {self.tis_cap}")
+        self.off_policy.check()
+        _require(self.tis_cap is None or self.off_policy.correction == "none", "algorithm.tis_cap",
+                 f"is the older spelling of algorithm.off_policy.correction=token_tis with off_policy.cap; "
+                 f"set one of them, not both (got tis_cap={self.tis_cap} and "
+                 f"off_policy.correction={self.off_policy.correction})")
 
 
 @dataclass

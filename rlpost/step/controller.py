@@ -26,6 +26,7 @@ from rlpost.algorithms import (
     overlong_filter_mask,
 )
 from rlpost.algorithms.algorithm import AdvantageInputs
+from rlpost.algorithms.off_policy import correction_of, off_policy_metrics
 from rlpost.algorithms.on_policy import old_logprob_plan
 from rlpost.step.batching import build_train_batch, mini_batches, with_loss_rows
 from rlpost.rollout.collect import Collected, CollectSettings, Collector
@@ -66,6 +67,7 @@ class Controller:
         # What the algorithm needs from a step, and its advantages (rlpost.algorithms.algorithm).
         self.algorithm = make_algorithm(cfg.algorithm)
         self.loss_fn = make_policy_loss_fn(cfg.algorithm, max_response_len=cfg.rollout.max_new_tokens)
+        self.off_policy = correction_of(cfg.algorithm)  # algorithm.off_policy (or tis_cap)
         # Exactly on-policy updates take "old" log-probs from the training forward instead
         # of a separate pass (rlpost.algorithms.on_policy); decided once, here.
         self.old_logprobs = old_logprob_plan(cfg.algorithm, cfg.trainer)
@@ -97,11 +99,11 @@ class Controller:
         cfg = self.cfg
         self.tracker.message(f"rlpost: {self.algorithm.describe()}; {self.old_logprobs.describe()}")
         self.tracker.start(start_step)
-        if self.overlap is not None and cfg.algorithm.tis_cap is None:
+        if self.overlap is not None and not self.off_policy.enabled:
             self.tracker.message(f"note: trainer.mode={cfg.trainer.mode} trains on samples up to "
                                  f"{self.overlap.max_staleness} policy version(s) old without off-policy correction; "
-                                 "algorithm.tis_cap=2 reweights them "
-                                 "(docs/performance.md#overlapping-rollout-and-training)")
+                                 "algorithm.off_policy.correction=token_tis (or token_mask, seq_tis, seq_mask) "
+                                 "reweights them (docs/algorithms.md#off-policy-corrections)")
         if start_step == 0 and cfg.eval.every > 0:
             self.tracker.log(0, self.evaluate())
         if self.overlap is not None:
@@ -190,6 +192,7 @@ class Controller:
             "perf/old_logprob_pass": float(self.old_logprobs.separate_pass),
             **collected.metrics,
             **kl_metrics,
+            **self._off_policy_metrics(batch),
             **train_metrics,
             **critic_metrics,
             **timer,
@@ -264,6 +267,13 @@ class Controller:
         out = {(k if k.startswith("policy/") else f"policy/{k}"): v / max(updates, 1) for k, v in summed.items()}
         out["policy/updates"] = float(updates)
         return out, logprobs
+
+    def _off_policy_metrics(self, batch: TrainBatch) -> dict:
+        """The behaviour-ratio distribution the loss corrected (``off_policy/*``), over the
+        whole batch: the loss sees micro-batches, whose maxima do not add up."""
+        if not self.off_policy.enabled or batch.old_logprobs is None:
+            return {}
+        return off_policy_metrics(self.off_policy, batch.old_logprobs, batch.rollout_logprobs, batch.loss_mask)
 
     def _rollout_metrics(self, trajectories, valid, timer, batch, trainer_logprobs) -> dict:
         lengths = torch.tensor([len(t.completion.token_ids) for t in trajectories], dtype=torch.float32)

@@ -12,12 +12,21 @@ group and push the current policy version to every replica, and only then re-run
 the lost chunks. A chunk keeps its replica index and so its sampling seed, so the
 retry samples exactly what the lost call would have: no sample is lost or scored
 as a failure.
+
+Threads. In ``trainer.mode=one_step_off|async`` two driver threads use the group: the
+producer generates, the trainer thread pushes weights (and evaluates). Both can see
+the same death. ``lock`` (re-entrant) guards the membership: ``replace`` and the
+weight-sync link's push and resync run under it, and ``replace`` skips a slot whose
+actor was replaced since the caller looked (``generations``), so one death is
+replaced once, whichever thread sees it first or second. ``generate`` holds the lock
+only to read the actors, never while it waits for them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
 
 import ray
@@ -108,6 +117,9 @@ class RolloutGroup:
         self.before_generate = lambda: None
         self.faults = faults if faults is not None else FaultCounts()
         self.actors = [self._start(i) for i in range(cfg.rollout.replicas)]
+        # generations[i]: how many times slot i was given a fresh actor (0 = the first).
+        self.generations = [0] * len(self.actors)
+        self.lock = threading.RLock()  # membership: actors, generations, the weight-sync group over them
         self.restarts = 0
         self._resync: Callable[[], None] | None = None
 
@@ -122,7 +134,13 @@ class RolloutGroup:
     def pids(self) -> list[int]:
         # No time limit: the answer waits for the engine to load (vLLM on a loaded
         # machine can take minutes); an actor that fails to start raises instead.
-        return wait([a.pid.remote() for a in self.actors], None, "rollout.pid")
+        return wait([a.pid.remote() for a in self.members()[0]], None, "rollout.pid")
+
+    def members(self) -> tuple[list, list[int]]:
+        """A consistent copy of (actors, generations): a caller that later reports a
+        death passes the generations it saw to ``replace``."""
+        with self.lock:
+            return list(self.actors), list(self.generations)
 
     def set_resync(self, resync: Callable[[], None]) -> None:
         """``resync()`` rebuilds the weight-sync group over the current actors and
@@ -144,7 +162,8 @@ class RolloutGroup:
         results: dict[int, list] = {}
         todo = list(parts)
         while todo:
-            refs = {i: self.actors[i].generate.remote(parts[i], replica_sampling_params(params, i)) for i in todo}
+            actors, seen = self.members()
+            refs = {i: actors[i].generate.remote(parts[i], replica_sampling_params(params, i)) for i in todo}
             lost, last_err = [], None
             # Collect every chunk before recovering, so the survivors are idle when the
             # sync group is rebuilt and each dead replica is known.
@@ -155,43 +174,49 @@ class RolloutGroup:
                     lost.append(i)
                     last_err = err
             if lost:
-                self.replace(lost, f"rollout replicas {lost} died during generate ({last_err.__class__.__name__})")
+                self.replace(lost, f"rollout replicas {lost} died during generate ({last_err.__class__.__name__})",
+                             seen=seen)
                 self.faults.add("rollout/requests_retried", len(lost))
             todo = lost
         return [group for i in sorted(results) for group in results[i]]
 
-    def replace(self, replicas: list[int], reason: str) -> None:
+    def replace(self, replicas: list[int], reason: str, seen: list[int] | None = None) -> None:
         """Start fresh actors in the slots of dead ``replicas``, then resync weights.
-        Raises ``WorkerError`` once ``rollout.max_restarts`` replacements are used up."""
+        ``seen``: the generations (``members()``) of the actors the caller found dead;
+        a slot replaced since then is skipped, and with nothing left to replace nothing
+        is resynced (the thread that replaced it resynced, under the same lock).
+        Raises ``WorkerError`` once ``rollout.max_restarts`` replacements are used up.
+
+        Any thread may call it: the lock makes the swap and the resync (which the link
+        also runs under this lock) one step that no push or other replacement enters."""
         limit = self.cfg.rollout.max_restarts
-        if self.cfg.trainer.mode != "sync":
-            # Overlapped modes sample in a second thread; a re-sync from there would
-            # race the trainer thread's own calls to the trainer ranks.
-            raise WorkerError(f"{reason}; replacing a replica in place needs trainer.mode=sync (this run: "
-                              f"{self.cfg.trainer.mode}); resume=auto continues from the latest checkpoint")
-        for i in replicas:
-            if self.restarts >= limit:
-                raise WorkerError(f"{reason}; the {limit} replacements allowed by rollout.max_restarts are used "
-                                  "up. Raise rollout.max_restarts, or find why replicas die (their logs are in "
-                                  "Ray's session folder, e.g. /tmp/ray/session_latest/logs); resume=auto "
-                                  "continues from the latest checkpoint")
-            ray.kill(self.actors[i])  # already dead: releases its resources
-            self.actors[i] = self._start(i)
-            self.restarts += 1
-            self.faults.add("rollout/actor_restarts")
-            log.warning("%s: started a replacement for replica %d (%d of at most %d)", reason, i, self.restarts, limit)
-        if self._resync is not None:
-            self._resync()
+        with self.lock:
+            stale = [i for i in replicas if seen is None or self.generations[i] == seen[i]]
+            for i in stale:
+                if self.restarts >= limit:
+                    raise WorkerError(f"{reason}; the {limit} replacements allowed by rollout.max_restarts are used "
+                                      "up. Raise rollout.max_restarts, or find why replicas die (their logs are in "
+                                      "Ray's session folder, e.g. /tmp/ray/session_latest/logs); resume=auto "
+                                      "continues from the latest checkpoint")
+                ray.kill(self.actors[i])  # already dead: releases its resources
+                self.actors[i] = self._start(i)
+                self.generations[i] += 1
+                self.restarts += 1
+                self.faults.add("rollout/actor_restarts")
+                log.warning("%s: started a replacement for replica %d (%d of at most %d)", reason, i,
+                            self.restarts, limit)
+            if stale and self._resync is not None:
+                self._resync()
 
     def policy_versions(self) -> list[int]:
-        return wait([a.policy_version.remote() for a in self.actors], 60, "rollout.policy_version")
+        return wait([a.policy_version.remote() for a in self.members()[0]], 60, "rollout.policy_version")
 
     def weight_sync_connect(self, host: str, port: int, world_size: int) -> list:
         timeout = self.cfg.weight_sync.timeout_s
-        return [a.weight_sync_connect.remote(host, port, world_size, timeout) for a in self.actors]
+        return [a.weight_sync_connect.remote(host, port, world_size, timeout) for a in self.members()[0]]
 
     def receive_weights(self, plan, version: int) -> list:
-        return [a.receive_weights.remote(plan, version) for a in self.actors]
+        return [a.receive_weights.remote(plan, version) for a in self.members()[0]]
 
     def shutdown(self) -> None:
         try:

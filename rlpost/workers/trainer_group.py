@@ -6,11 +6,21 @@ Contract of every ``TrainerGroup`` method: it is collective (called on all ranks
 blocks until all ranks answer, and raises ``TrainerLost`` if a rank dies (the
 whole group is then unusable: ``rlpost.step.supervisor`` rebuilds it from the latest
 checkpoint).
+
+Threads. Each rank runs its calls one at a time in the order the driver submitted
+them, and a collective deadlocks if two ranks run two calls in different orders. In
+``trainer.mode=one_step_off|async`` a second driver thread (the rollout producer, when
+it replaces a dead replica) calls the group too, so every call takes ``exclusive()``
+(a re-entrant lock) around its submission to all ranks and its wait; the weight-sync
+link holds it across a whole re-connect and push, so a training call from the other
+thread waits instead of landing in between (where it would also eat into the
+weight-sync timeouts).
 """
 
 from __future__ import annotations
 
 import socket
+import threading
 import uuid
 from pathlib import Path
 
@@ -151,6 +161,7 @@ class TrainerGroup:
         self.before_compute = lambda: None
         self._plan = None
         self.devices = None
+        self._lock = threading.RLock()  # see the module docstring, "Threads"
         # Queued at once (an actor runs its calls in order; Ray hands setup the
         # rendezvous answer when it is ready): no driver round trip between the steps.
         self._device_refs = [a.device.remote() for a in self.actors]
@@ -174,14 +185,20 @@ class TrainerGroup:
     def _wait(self, refs, what: str, timeout_s: float | None = None):
         return wait_ranks(refs, what, timeout_s, lost=TrainerLost)
 
+    def exclusive(self) -> threading.RLock:
+        """The group's call lock, for a caller that must make several calls with no
+        other thread's call in between (``with trainer.exclusive(): ...``)."""
+        return self._lock
+
     def pids(self) -> list[int]:
         return self._wait([a.pid.remote() for a in self.actors], "trainer pid", 60)
 
     def _sharded(self, method: str, batch: TrainBatch, *args) -> list:
-        self.before_compute()
         shards = batch.shard(self.world_size)
-        return self._wait([getattr(a, method).remote(s, *args) for a, s in zip(self.actors, shards)],
-                          f"trainer.{method}")
+        with self._lock:
+            self.before_compute()
+            return self._wait([getattr(a, method).remote(s, *args) for a, s in zip(self.actors, shards)],
+                              f"trainer.{method}")
 
     def forward_logprobs(self, batch: TrainBatch, reference: bool = False) -> torch.Tensor:
         """[B, T] log-probs; rows are sharded over ranks and gathered back in order."""
@@ -200,21 +217,26 @@ class TrainerGroup:
     # --- weight sync (see rlpost.sync.transport for the contract) ---
     def weight_sync_init(self, world_size: int) -> tuple[str, int]:
         ws = self.cfg.weight_sync
-        return self._wait(self.actors[0].weight_sync_init.remote(world_size, ws.timeout_s, ws.bucket_mb),
-                          "weight sync init", 60)
+        with self._lock:
+            return self._wait(self.actors[0].weight_sync_init.remote(world_size, ws.timeout_s, ws.bucket_mb),
+                              "weight sync init", 60)
 
     def weight_sync_connect(self):
-        return self.actors[0].weight_sync_connect.remote()
+        with self._lock:
+            return self.actors[0].weight_sync_connect.remote()
 
     def weight_plan(self):
-        if self._plan is None:
-            self._plan = self._wait(self.actors[0].weight_plan.remote(), "weight plan", 120)
-        return self._plan
+        with self._lock:
+            if self._plan is None:
+                self._plan = self._wait(self.actors[0].weight_plan.remote(), "weight plan", 120)
+            return self._plan
 
     def send_weights(self, version: int) -> list:
-        """Start sending; returns refs the caller waits on together with the receivers."""
-        plan = self.weight_plan()
-        return [a.send_weights.remote(plan, version) for a in self.actors]
+        """Start sending; returns refs the caller waits on together with the receivers
+        (inside ``exclusive()``, so that no other call reaches the ranks meanwhile)."""
+        with self._lock:
+            plan = self.weight_plan()
+            return [a.send_weights.remote(plan, version) for a in self.actors]
 
     def check_run_dir(self, path: Path) -> None:
         """Prove that trainer rank 0 and the driver see the same run directory: rank 0
@@ -237,13 +259,16 @@ class TrainerGroup:
                               f"{socket.gethostname()} {what}. {_SHARED_FS}")
 
     def save(self, path: str) -> None:
-        self._wait([a.save.remote(path) for a in self.actors], "trainer save")
+        with self._lock:
+            self._wait([a.save.remote(path) for a in self.actors], "trainer save")
 
     def load(self, path: str) -> None:
-        self._wait([a.load.remote(path) for a in self.actors], "trainer load")
+        with self._lock:
+            self._wait([a.load.remote(path) for a in self.actors], "trainer load")
 
     def export_hf(self, path: str, tokenizer_path: str) -> None:
-        self._wait([a.export_hf.remote(path, tokenizer_path) for a in self.actors], "export")
+        with self._lock:
+            self._wait([a.export_hf.remote(path, tokenizer_path) for a in self.actors], "export")
 
     def shutdown(self) -> None:
         try:

@@ -13,6 +13,19 @@ link); dead replicas are replaced by the rollout group, which calls ``resync``: 
 new group on a fresh port, then the trainer's current weights (``self.version``)
 pushed to every replica, so a replacement never serves stale weights. A second
 failure inside ``resync`` is not retried: it raises.
+
+Threads (``trainer.mode=one_step_off|async``). The producer thread can meet a dead
+replica in ``generate`` and resync from there while the trainer thread pushes. Push and
+resync run under the rollout group's membership lock (``RolloutGroup.lock``, the one
+``replace`` holds), so they never interleave and a death is replaced once; the trainer
+group orders its ranks' calls itself (``TrainerGroup``), so a resync's send between two
+training calls reaches every rank in the same order. What a resync from the producer
+sends: the trainer's weights as they are at that moment, labelled ``self.version`` (the
+last version pushed). The trainer thread may have updated since (it trains while the
+producer samples), so until the next push (at most one step away) the replicas can
+serve weights up to one update newer than their label: the label over-states the
+samples' age, the staleness bound stays safe, and the off-policy corrections use the
+sampler's recorded log-probs, not the label.
 """
 
 from __future__ import annotations
@@ -78,19 +91,26 @@ class WeightSyncLink:
                               f"{[served[i] for i in stale]} after loading; their engine did not take the weights")
 
     def push(self, version: int) -> None:
-        self.version = version  # the trainer's weights are this version from now on
-        try:
-            self._push_once(version)
-        except _ReplicasDied as err:
-            # Replacing them calls resync(), which rebuilds the group and pushes again.
-            self.rollout.replace(err.replicas, f"weight sync of version {version}: {err}")
+        with self.rollout.lock:
+            self.version = version  # the trainer's weights are this version from now on
+            _, seen = self.rollout.members()
+            try:
+                with self.trainer.exclusive():
+                    self._push_once(version)
+            except _ReplicasDied as err:
+                # Replacing them calls resync(), which rebuilds the group and pushes again.
+                self.rollout.replace(err.replicas, f"weight sync of version {version}: {err}", seen=seen)
 
     def resync(self) -> None:
         """Rebuild the group over the current replicas and bring all of them to the
-        trainer's current weights. Called by the rollout group after replacements."""
-        self._connect()
-        if self.version is not None:
-            try:
-                self._push_once(self.version)
-            except _ReplicasDied as err:
-                raise WorkerError(f"weight sync resync of version {self.version}: {err} again") from err
+        trainer's current weights. Called by the rollout group after replacements
+        (under its lock, which this takes again, for a caller outside ``replace``)."""
+        with self.rollout.lock:
+            with self.trainer.exclusive():
+                self._connect()
+            if self.version is not None:
+                try:
+                    with self.trainer.exclusive():
+                        self._push_once(self.version)
+                except _ReplicasDied as err:
+                    raise WorkerError(f"weight sync resync of version {self.version}: {err} again") from err

@@ -50,6 +50,7 @@ def test_old_none_means_detached_current_same_loss_and_gradient(policy_loss, exp
     (["trainer.mini_batches=2"], True),
     (["trainer.epochs=2"], True),
     (["algorithm.tis_cap=2"], True),
+    (["algorithm.off_policy.correction=seq_mask"], True),
     (["algorithm.kl_in_reward=true", "algorithm.kl_coef=0.01"], True),
     (["algorithm.kl_in_reward=true", "algorithm.kl_coef=0"], False),  # no reference, nothing shaped
     (["algorithm.kl_coef=0.01"], False),  # KL as a loss term needs the reference, not old log-probs
