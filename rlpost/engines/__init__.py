@@ -118,7 +118,8 @@ def make_rollout_engine(cfg: RunConfig, model_path: str, seed: int, device: torc
                                  kv_cache_gb=cfg.rollout.kv_cache_gb,
                                  gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                                  enforce_eager=cfg.rollout.enforce_eager,
-                                 colocate=cfg.rollout.colocate, num_threads=num_threads)
+                                 colocate=cfg.rollout.colocate, num_threads=num_threads,
+                                 inflight_kv=cfg.rollout.inflight_kv)
     if engine == "fake":
         from rlpost.engines.fake import FakeRolloutEngine
 
