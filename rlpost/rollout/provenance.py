@@ -22,19 +22,17 @@ def token_lag_metrics(trajectories: Sequence[Trajectory], version: int) -> dict[
     """``async/version_oldest``/``newest`` of the batch's sampled tokens and the share
     of them that lag ``version`` by 0, 1 and 2 or more versions."""
     counts = [0, 0, 0]
-    oldest, newest = None, None
+    sampled: list[int] = []  # versions of the sampled tokens
     for t in trajectories:
         c = t.completion
         mask = c.loss_mask if c.loss_mask is not None else (1,) * len(c.token_ids)
-        for v, m in zip(c.versions(), mask):
-            if not m:
-                continue
-            counts[min(max(version - v, 0), 2)] += 1
-            oldest = v if oldest is None else min(oldest, v)
-            newest = v if newest is None else max(newest, v)
-    total = max(sum(counts), 1)
-    if oldest is None:  # no sampled token at all: the samples' versions stand in
-        oldest = newest = oldest_version(trajectories)
+        sampled += [v for v, m in zip(c.versions(), mask) if m]
+    for v in sampled:
+        counts[min(max(version - v, 0), 2)] += 1
+    total = max(len(sampled), 1)
+    # No sampled token at all: the samples' versions stand in.
+    oldest = min(sampled) if sampled else oldest_version(trajectories)
+    newest = max(sampled) if sampled else oldest
     return {"async/version_oldest": float(oldest), "async/version_newest": float(newest),
             "async/token_lag_0": counts[0] / total, "async/token_lag_1": counts[1] / total,
             "async/token_lag_2plus": counts[2] / total}
