@@ -65,3 +65,26 @@ def test_tokens_after_an_inflight_update_are_labelled_and_sampled_by_it(model_di
     # After the generate the engine serves version 1 alone (keep reset the prefix cache).
     again = engine.generate(prompts, SamplingParams(n=1, max_new_tokens=4))
     assert all(c.token_versions is None and c.policy_version == 1 for g in again for c in g)
+
+
+def test_async_inflight_updates_through_ray_into_vllm(tmp_path):
+    """Three async steps with in-flight updates into the vLLM actor: its receive_weights
+    runs in its own concurrency group while generate steps the engine."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    args = ["+recipe=grpo_math", "rollout=vllm", "rollout.kv_cache_gb=0.0625", "data.train_batch_size=4",
+            "rollout.n=2", "eval.every=0", "reward.workers=1", "ray.num_cpus=4", "trainer.total_steps=3",
+            "trainer.save_every=0", "trainer.mode=async", "trainer.inflight_updates=true", "trainer.max_staleness=2",
+            "rollout.inflight_kv=recompute", f"output_dir={out}"]
+    proc = subprocess.run([sys.executable, "-m", "rlpost.train", *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        shares = r["async/token_lag_0"] + r["async/token_lag_1"] + r["async/token_lag_2plus"]
+        assert abs(shares - 1.0) < 1e-9 and r["async/staleness_max"] <= 2
