@@ -70,6 +70,12 @@ class DecodeGate:
                     self._pause = None
                 self._cond.notify_all()
 
+    @property
+    def loads_waiting(self) -> int:
+        """Loads waiting for the step in progress to end."""
+        with self._cond:
+            return self._loads_waiting
+
     def wait_steps(self, count: int, timeout: float | None = None) -> bool:
         """Whether ``count`` steps were taken (False: ``timeout`` seconds passed first)."""
         with self._cond:
