@@ -53,10 +53,21 @@ class Completion:
     logprobs: tuple[float, ...]  # [L] sampler log-probs of token_ids (after temperature/top-p/top-k)
     text: str  # decoded token_ids, special tokens skipped
     finish_reason: str  # "stop" (EOS or stop string) | "length" (hit max_new_tokens)
-    policy_version: int  # version of the weights that sampled every token
+    # The OLDEST version of the weights that sampled any token (every token's, unless
+    # token_versions says otherwise); staleness bounds apply to it.
+    policy_version: int
     # [L] 1 = sampled by the policy (trained), 0 = inserted by an environment or tool
     # (multi-turn episodes; such tokens have logprob 0). None = every token sampled.
     loss_mask: tuple[int, ...] | None = None
+    # [L] the policy version that sampled each token, when a weight update landed while
+    # the sample was being generated (in-flight updates, rlpost.engines.inflight);
+    # inserted tokens (loss_mask 0) carry the version of the sampled token before them.
+    # None = every token by policy_version.
+    token_versions: tuple[int, ...] | None = None
+
+    def versions(self) -> tuple[int, ...]:
+        """[L] the policy version of every token."""
+        return self.token_versions if self.token_versions is not None else (self.policy_version,) * len(self.token_ids)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,7 @@
-"""Training modes side by side: ``trainer.mode=sync|one_step_off|async``, same recipe,
-seed and model, one ``python -m rlpost.train`` run per mode, one after the other.
+"""Training modes side by side: ``trainer.mode=sync|one_step_off|async``, and
+``async_inflight`` (async with ``trainer.inflight_updates=true``: weights pushed into
+requests in flight), same recipe, seed and model, one ``python -m rlpost.train`` run
+per mode, one after the other.
 
     # speed: a model where generation dominates (a deep, narrow random Qwen2 with
     # tiny-math's tokenizer: HF decoding cost grows with depth, training with parameters)
@@ -24,7 +26,9 @@ Everything after ``--`` is passed to every run (Hydra overrides). Each run write
   they add up to more.
 - ``accuracy``: the last ``eval/accuracy`` (held-out greedy), i.e. after
   ``steps x train_batch_size x n`` samples; needs ``eval.every`` > 0.
-- ``stale``: mean ``async/staleness_mean``; ``dropped``: batches dropped as too stale.
+- ``stale``: mean ``async/staleness_mean`` (lag of each sample's oldest token);
+  ``old tok``: mean share of sampled tokens at least one version behind
+  (``async/token_lag_1`` + ``async/token_lag_2plus``); ``dropped``: batches dropped as too stale.
 """
 
 from __future__ import annotations
@@ -56,10 +60,19 @@ def model_path(name: str, out: Path, hidden: int, layers: int) -> str:
     raise SystemExit(f"unknown model {name!r}; choose tiny-math or qwen2")
 
 
+# Mode name -> its overrides.
+MODES = {
+    "sync": ["trainer.mode=sync"],
+    "one_step_off": ["trainer.mode=one_step_off"],
+    "async": ["trainer.mode=async"],
+    "async_inflight": ["trainer.mode=async", "trainer.inflight_updates=true"],
+}
+
+
 def run_mode(mode: str, model: str, args, overrides: list[str]) -> dict:
     out = args.out / mode
     cmd = [sys.executable, "-m", "rlpost.train", f"+recipe={args.recipe}", f"model.path={model}",
-           f"seed={args.seed}", f"trainer.total_steps={args.steps}", f"trainer.mode={mode}", "trainer.save_every=0",
+           f"seed={args.seed}", f"trainer.total_steps={args.steps}", *MODES[mode], "trainer.save_every=0",
            "resume=never", f"output_dir={out}", "logger=[jsonl]", *overrides]
     print("$ " + " ".join(cmd), flush=True)
     start = time.perf_counter()
@@ -92,13 +105,14 @@ def summarize(rows: list[dict], run_s: float) -> dict:
         "sync": total("timing/weight_sync_s") / wall, "idle": total("timing/idle_s") / wall,
         "accuracy": evals[-1] if evals else None, "accuracy_start": evals[0] if evals else None,
         "stale": total("async/staleness_mean") / len(steps),
+        "old_tokens": total("async/token_lag_1", "async/token_lag_2plus") / len(steps),
         "dropped": steps[-1].get("async/dropped_batches", 0.0),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--modes", default="sync,one_step_off,async")
+    parser.add_argument("--modes", default="sync,one_step_off,async,async_inflight", help=", ".join(MODES))
     parser.add_argument("--model", default="tiny-math", help="tiny-math | qwen2 (random init, tiny-math's tokenizer)")
     parser.add_argument("--hidden", type=int, default=512, help="qwen2 width (512 x 10 layers: 31M parameters)")
     parser.add_argument("--layers", type=int, default=10, help="qwen2 depth")
@@ -108,6 +122,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench_step"))
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
     args = parser.parse_args()
+    unknown = [m for m in args.modes.split(",") if m not in MODES]
+    if unknown:
+        parser.error(f"unknown modes {unknown}; choose from {', '.join(MODES)}")
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     model = model_path(args.model, args.out, args.hidden, args.layers)
@@ -116,7 +133,7 @@ def main() -> None:
     print(f"load after: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
     base = results.get("sync")
     header = ("| mode | steps | s/step | vs sync | s/step from 2 | vs sync | run s | gen tok/s | rollout | train | sync | idle "
-              "| stale | dropped | accuracy |")
+              "| stale | old tok | dropped | accuracy |")
     print(header + "\n|" + "---|" * (header.count("|") - 1))
     for mode, r in results.items():
         speedup = f"{base['s_per_step'] / r['s_per_step']:.2f}x" if base else "-"
@@ -125,7 +142,7 @@ def main() -> None:
         print(f"| {mode} | {r['steps']} | {r['s_per_step']:.2f} | {speedup} | {r['s_per_step_2']:.2f} | {speedup_2} "
               f"| {r['run_s']:.0f} | {r['tok_s']:.0f} "
               f"| {r['rollout']:.0%} | {r['train']:.0%} | {r['sync']:.0%} | {r['idle']:.0%} | {r['stale']:.2f} "
-              f"| {r['dropped']:.0f} | {acc} |")
+              f"| {r['old_tokens']:.0%} | {r['dropped']:.0f} | {acc} |")
     (args.out / "summary.json").write_text(json.dumps(results, indent=2))
 
 

@@ -150,6 +150,10 @@ class RolloutConfig:
     max_turns: int = 1
     max_total_tokens: int = 0
     max_restarts: int = 3  # dead replicas replaced over a run (weights re-synced, requests retried)
+    # trainer.inflight_updates: the KV cache of requests in flight when new weights land.
+    # keep: go on with it (free; its keys/values are the old policy's). recompute:
+    # re-prefill prompt + tokens so far with the new weights (one prefill per update).
+    inflight_kv: str = "keep"
     # Ray placement (rlpost.workers.placement): GPUs per replica (auto = 1 when the Ray
     # cluster has GPUs, else 0), the placement-group strategy over the replicas, and
     # custom Ray resources each replica also asks for (pins replicas to nodes).
@@ -177,6 +181,8 @@ class RolloutConfig:
                  f"must be in (0, 1], got {self.gpu_memory_utilization}")
         _require(self.max_turns >= 1, "rollout.max_turns", f"must be >= 1, got {self.max_turns}")
         _require(self.max_total_tokens >= 0, "rollout.max_total_tokens", "must be >= 0 (0 = no cap)")
+        _require(self.inflight_kv in ("keep", "recompute"), "rollout.inflight_kv",
+                 f"must be keep or recompute, got {self.inflight_kv!r}")
         _require(self.max_restarts >= 0, "rollout.max_restarts", "must be >= 0 (0 = a dead replica stops the run)")
 
 
@@ -216,6 +222,9 @@ class TrainerConfig:
     mode: str = "sync"
     max_staleness: int = 1  # async: batches sampled more than this many versions ago are dropped
     async_buffer: int = 0  # async: batches sampled ahead of the trainer; 0 = max_staleness (none dropped)
+    # async: push new weights into requests in flight (between decoding steps) instead of
+    # waiting for the batch being sampled; tokens then record their version.
+    inflight_updates: bool = False
     threads: int = 0  # math threads per trainer (and critic) rank; 0 = auto (rlpost.threads)
     # Ray placement (rlpost.workers.placement): GPUs per rank (auto = 1 when the Ray
     # cluster has GPUs, else 0), the placement-group strategy over the ranks (pack: as
@@ -257,6 +266,9 @@ class TrainerConfig:
         _require(self.max_staleness >= 1, "trainer.max_staleness",
                  f"must be >= 1 (a batch sampled while the trainer updates is 1 version old), got {self.max_staleness}")
         _require(self.async_buffer >= 0, "trainer.async_buffer", "must be >= 0 (0 = trainer.max_staleness)")
+        _require(not self.inflight_updates or self.mode == "async", "trainer.inflight_updates",
+                 f"needs trainer.mode=async (this run: {self.mode}); set trainer.mode=async or "
+                 "trainer.inflight_updates=false")
         _require(self.threads >= 0, "trainer.threads", f"must be >= 0 (0 = auto), got {self.threads}")
 
 

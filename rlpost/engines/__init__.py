@@ -109,7 +109,7 @@ def make_rollout_engine(cfg: RunConfig, model_path: str, seed: int, device: torc
         from rlpost.engines.hf_rollout import HFRolloutEngine
 
         return HFRolloutEngine(model_path, dtype=cfg.model.dtype, seed=seed, batch_size=cfg.rollout.batch_size,
-                               device=device, num_threads=num_threads)
+                               device=device, num_threads=num_threads, inflight_kv=cfg.rollout.inflight_kv)
     if engine == "vllm":
         from rlpost.engines.vllm_rollout import VLLMRolloutEngine
 
@@ -118,7 +118,8 @@ def make_rollout_engine(cfg: RunConfig, model_path: str, seed: int, device: torc
                                  kv_cache_gb=cfg.rollout.kv_cache_gb,
                                  gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                                  enforce_eager=cfg.rollout.enforce_eager,
-                                 colocate=cfg.rollout.colocate, num_threads=num_threads)
+                                 colocate=cfg.rollout.colocate, num_threads=num_threads,
+                                 inflight_kv=cfg.rollout.inflight_kv)
     if engine == "fake":
         from rlpost.engines.fake import FakeRolloutEngine
 

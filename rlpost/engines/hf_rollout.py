@@ -32,6 +32,18 @@ Speed. Grouped KV heads go to SDPA as they are (``use_grouped_sdpa``), not copie
 the query heads at every layer and step; ``num_threads`` torch threads are set at every
 ``generate`` (None: the process's setting).
 
+In-flight weight updates. ``update_weights`` may be called from another thread while
+``generate`` runs: it waits for the decoding step in progress (forward + sample), loads,
+and the loop goes on with the new weights (``rlpost.engines.inflight.DecodeGate``).
+Every sampled token records the version that computed the logits it was drawn from
+(``Completion.token_versions``; ``policy_version`` is the oldest). The KV cache built
+so far is ``inflight_kv``: ``keep`` goes on with it (free, but the cached keys and
+values of the earlier tokens are the old policy's, so the new policy attends to a
+context it did not compute: the first tokens after the switch are neither policy's
+exact sample), ``recompute`` re-prefills prompt + tokens so far with the new weights
+before the next token (exactly the new policy's continuation, for one prefill of the
+whole context per update and batch chunk).
+
 Randomness: one ``torch.Generator`` seeded from ``seed`` serves all calls, so a
 fixed seed and the same sequence of calls reproduce the same completions;
 ``SamplingParams.seed`` gives one call its own generator instead.
@@ -45,6 +57,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from rlpost.engines.inflight import INFLIGHT_KV, DecodeGate
 from rlpost.errors import ModelError
 from rlpost.types import Completion, SamplingParams
 
@@ -56,7 +69,7 @@ class HFRolloutEngine:
     """``RolloutEngine`` over ``AutoModelForCausalLM``; holds one policy version."""
 
     def __init__(self, model_path: str, dtype: str = "float32", seed: int = 0, batch_size: int = 64,
-                 device: torch.device | str = "cpu", num_threads: int | None = None):
+                 device: torch.device | str = "cpu", num_threads: int | None = None, inflight_kv: str = "keep"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if dtype not in _DTYPES:
@@ -65,7 +78,10 @@ class HFRolloutEngine:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_threads is not None and num_threads < 1:
             raise ValueError(f"num_threads must be >= 1 (or None: the process's setting), got {num_threads}")
-        self.num_threads = num_threads
+        if inflight_kv not in INFLIGHT_KV:
+            raise ValueError(f"inflight_kv must be one of {INFLIGHT_KV}, got {inflight_kv!r}")
+        self.num_threads, self.inflight_kv = num_threads, inflight_kv
+        self.gate = DecodeGate()  # decoding steps and weight loads take turns
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_path)
             self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype])
@@ -91,9 +107,7 @@ class HFRolloutEngine:
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
         """``params.n`` completions for every prompt, in prompt order."""
-        if not self._weights_ok:
-            raise ModelError("the last update_weights failed part-way; the model holds a mix of versions. "
-                             "Send a full, valid set of weights before generating again.")
+        self._check_weights()
         _check_params(params)
         use_threads(self.num_threads)
         rows = []
@@ -113,11 +127,61 @@ class HFRolloutEngine:
 
     def _generate_chunk(self, prompts: list[list[int]], params: SamplingParams,
                         generator: torch.Generator) -> list[Completion]:
+        batch = len(prompts)
+        tokens: list[list[int]] = [[] for _ in range(batch)]
+        logprobs: list[list[float]] = [[] for _ in range(batch)]
+        versions: list[list[int]] = [[] for _ in range(batch)]  # the policy version of every sampled token
+        finish: list[str | None] = [None] * batch
+        active = list(range(batch))  # rows of `prompts` still generating, in cache order
+        stop_window = max((len(s) for s in params.stop), default=0) + _STOP_WINDOW_SLACK
+        decode: _Decode | None = None
+        sampled = torch.empty(0, dtype=torch.long)
+        for step in range(params.max_new_tokens):
+            # One decoding step (forward + sample) under the gate: a weight update from
+            # another thread lands between two steps (rlpost.engines.inflight).
+            with self.gate.step():
+                self._check_weights()
+                if decode is None:
+                    decode, logits = self._prefill(prompts)
+                elif self.inflight_kv == "recompute" and decode.version != self.policy_version:
+                    # New weights since the cache was built: rebuild it from the context so far.
+                    decode, logits = self._prefill([prompts[r] + tokens[r] for r in active])
+                else:  # keep: go on with the cache, whichever weights computed it
+                    logits = decode.advance(sampled)
+                version = self.policy_version
+                sampled, sampled_lp = sample_tokens(logits, params, generator)
+            for row, token, lp in zip(active, sampled.tolist(), sampled_lp.tolist()):
+                tokens[row].append(token)
+                logprobs[row].append(lp)
+                versions[row].append(version)
+                if token in self.eos_ids or (params.stop and self._hits_stop(tokens[row], params.stop, stop_window)):
+                    finish[row] = "stop"
+            keep = [j for j, row in enumerate(active) if finish[row] is None]
+            if not keep or step == params.max_new_tokens - 1:
+                break
+            if len(keep) < len(active):
+                index = torch.tensor(keep)
+                decode.select(index)
+                sampled = sampled[index]
+                active = [active[j] for j in keep]
+        return [self._completion(tokens[r], logprobs[r], versions[r], finish[r]) for r in range(batch)]
+
+    def _completion(self, tokens: list[int], logprobs: list[float], versions: list[int],
+                    finish: str | None) -> Completion:
+        oldest = min(versions)
+        return Completion(
+            token_ids=tuple(tokens), logprobs=tuple(logprobs),
+            text=self.tokenizer.decode(tokens, skip_special_tokens=True),
+            finish_reason=finish or "length", policy_version=oldest,
+            token_versions=None if max(versions) == oldest else tuple(versions))
+
+    def _prefill(self, rows: list[list[int]]) -> tuple[_Decode, torch.Tensor]:
+        """A fresh KV cache of ``rows`` (left-padded) and the logits of their next tokens [B, V].
+        Each distinct row is computed once and its cache copied to the rows equal to it."""
         from transformers import DynamicCache
 
-        # Prefill each distinct prompt once, then copy its cache rows to its samples.
         distinct: dict[tuple[int, ...], int] = {}
-        row_of = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+        row_of = [distinct.setdefault(tuple(p), len(distinct)) for p in rows]
         unique = list(distinct)
         width = max(len(p) for p in unique)
         input_ids = torch.full((len(unique), width), self.pad_id, dtype=torch.long)
@@ -128,48 +192,16 @@ class HFRolloutEngine:
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         logits = self._forward(input_ids, attention_mask, position_ids, cache)
-
         select = torch.tensor(row_of)
-        if len(unique) < len(prompts):
+        if len(unique) < len(rows):
             cache.batch_select_indices(select)
-        logits, attention_mask = logits[select], attention_mask[select]
-        next_pos = position_ids[select, -1] + 1  # [A]
+        decode = _Decode(self, cache, attention_mask[select], position_ids[select, -1] + 1, self.policy_version)
+        return decode, logits[select]
 
-        batch = len(prompts)
-        tokens: list[list[int]] = [[] for _ in range(batch)]
-        logprobs: list[list[float]] = [[] for _ in range(batch)]
-        finish: list[str | None] = [None] * batch
-        active = list(range(batch))  # rows of `prompts` still generating, in cache order
-        stop_window = max((len(s) for s in params.stop), default=0) + _STOP_WINDOW_SLACK
-        for step in range(params.max_new_tokens):
-            sampled, sampled_lp = sample_tokens(logits, params, generator)
-            for row, token, lp in zip(active, sampled.tolist(), sampled_lp.tolist()):
-                tokens[row].append(token)
-                logprobs[row].append(lp)
-                if token in self.eos_ids or (params.stop and self._hits_stop(tokens[row], params.stop, stop_window)):
-                    finish[row] = "stop"
-            keep = [j for j, row in enumerate(active) if finish[row] is None]
-            if not keep or step == params.max_new_tokens - 1:
-                break
-            if len(keep) < len(active):
-                index = torch.tensor(keep)
-                cache.batch_select_indices(index)
-                sampled, attention_mask, next_pos = sampled[index], attention_mask[index], next_pos[index]
-                active = [active[j] for j in keep]
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(active), 1)], dim=1)
-            logits = self._forward(sampled[:, None], attention_mask, next_pos[:, None], cache)
-            next_pos = next_pos + 1
-
-        return [
-            Completion(
-                token_ids=tuple(tokens[r]),
-                logprobs=tuple(logprobs[r]),
-                text=self.tokenizer.decode(tokens[r], skip_special_tokens=True),
-                finish_reason=finish[r] or "length",
-                policy_version=self.policy_version,
-            )
-            for r in range(batch)
-        ]
+    def _check_weights(self) -> None:
+        if not self._weights_ok:
+            raise ModelError("the last update_weights failed part-way; the model holds a mix of versions. "
+                             "Send a full, valid set of weights before generating again.")
 
     def _hits_stop(self, tokens: list[int], stop: Sequence[str], window: int) -> bool:
         tail = self.tokenizer.decode(tokens[-window:], skip_special_tokens=True)
@@ -191,6 +223,11 @@ class HFRolloutEngine:
         waiting; the error is raised afterwards and the engine refuses to generate
         until a good update arrives.
         """
+        # Between two decoding steps of a generate running in another thread, if any.
+        with self.gate.load():
+            self._load(weights, version)
+
+    def _load(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         # Detached views of the live storage, rebuilt per sync (a few ms), so a model
         # moved to another device since the last sync is still written in place.
         state = {name: t.detach() for name, t in self.model.state_dict(keep_vars=True).items()}
@@ -230,6 +267,27 @@ class HFRolloutEngine:
                              f"Weight names must match the rollout model's state_dict.")
         self._weights_ok = True
         self.policy_version = version
+
+
+class _Decode:
+    """The KV cache of the rows still generating and what their next forward needs."""
+
+    def __init__(self, engine: HFRolloutEngine, cache, attention_mask: torch.Tensor, next_pos: torch.Tensor,
+                 version: int):
+        self.engine, self.cache = engine, cache
+        self.attention_mask, self.next_pos = attention_mask, next_pos  # [A, T] long, [A] long
+        self.version = version  # the weights that computed the cache's first entries
+
+    def advance(self, sampled: torch.Tensor) -> torch.Tensor:
+        """Feed the tokens just sampled [A]; the logits of the next ones [A, V]."""
+        self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(len(sampled), 1)], dim=1)
+        logits = self.engine._forward(sampled[:, None], self.attention_mask, self.next_pos[:, None], self.cache)
+        self.next_pos = self.next_pos + 1
+        return logits
+
+    def select(self, index: torch.Tensor) -> None:
+        self.cache.batch_select_indices(index)
+        self.attention_mask, self.next_pos = self.attention_mask[index], self.next_pos[index]
 
 
 def sample_tokens(logits: torch.Tensor, params: SamplingParams,

@@ -43,6 +43,18 @@ incoming ``(HF name, tensor)`` iterator is streamed straight into the model load
 which keeps at most about one layer of pending tensors, never a second full copy.
 Then the prefix cache, computed with the old weights, is dropped.
 
+In-flight weight updates. ``generate`` drives the engine itself, one ``step()`` at a
+time (``LLMEngine.add_request`` with one n=1 request per sample, seeded as vLLM seeds
+the children of an n-sample request, and ``RequestOutputKind.DELTA``), each step under
+a ``DecodeGate``: ``update_weights`` from another thread lands between two steps and
+the tokens of later steps record its version (``Completion.token_versions``).
+``inflight_kv=keep`` goes on with the running requests' KV cache (the prefix cache is
+reset once they finish); ``recompute`` preempts them at the next step
+(``reset_prefix_cache(reset_running_requests=True)``), so vLLM re-prefills prompt +
+tokens so far with the new weights. A seeded request's sampler generator is not
+rewound on that re-prefill, so the tokens after a recompute are a valid sample of the
+new policy but not the ones an uninterrupted request of the same seed would draw.
+
 Process model. ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` runs vLLM's engine core and its
 single worker inside this process: no child processes (so it lives inside a Ray
 actor), about 2 s to start, and ``collective_rpc`` calls the worker directly, which
@@ -59,6 +71,7 @@ rank: sleep mode plus vLLM's CUDA IPC weight-transfer engine) is in
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -67,6 +80,7 @@ from pathlib import Path
 import torch
 
 from rlpost.engines.hf_rollout import use_threads
+from rlpost.engines.inflight import INFLIGHT_KV, DecodeGate
 from rlpost.errors import ModelError
 from rlpost.types import Completion, SamplingParams
 
@@ -86,14 +100,20 @@ class VLLMRolloutEngine:
 
     def __init__(self, model_path: str, dtype: str = "float32", seed: int = 0, max_model_len: int | None = None,
                  kv_cache_gb: float = 1.0, gpu_memory_utilization: float = 0.5, enforce_eager: bool = True,
-                 colocate: bool = False, num_threads: int | None = None):
+                 colocate: bool = False, num_threads: int | None = None, inflight_kv: str = "keep"):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
         if kv_cache_gb < 0:
             raise ValueError(f"kv_cache_gb must be >= 0 (0 = size from gpu_memory_utilization), got {kv_cache_gb}")
         if num_threads is not None and num_threads < 1:
             raise ValueError(f"num_threads must be >= 1 (or None: the process's setting), got {num_threads}")
-        self.num_threads = num_threads
+        if inflight_kv not in INFLIGHT_KV:
+            raise ValueError(f"inflight_kv must be one of {INFLIGHT_KV}, got {inflight_kv!r}")
+        self.num_threads, self.inflight_kv = num_threads, inflight_kv
+        self.gate = DecodeGate()  # engine steps and weight loads take turns
+        self._recompute = False  # recompute: new weights since the running requests' KV was computed
+        self._prefix_stale = False  # the prefix cache holds blocks of old weights (requests were running)
+        self._calls = itertools.count()
         # Must be set before vLLM reads its environment (at engine construction).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
@@ -158,22 +178,61 @@ class VLLMRolloutEngine:
         seeds = torch.randint(0, _SEED_HIGH, (len(requests),), generator=generator).tolist()
         # vLLM refuses n > 1 with greedy sampling; the n greedy samples are one sample repeated.
         copies = params.n if params.greedy else 1
-        outputs = self.llm.generate(requests, [_vllm_params(params, s, params.n // copies) for s in seeds],
-                                    use_tqdm=False)
-        return [[self._completion(c) for c in out.outputs] * copies for out in outputs]
+        samples = params.n // copies
+        # One n=1 request per sample, seeded s + j as vLLM seeds the j-th child of an
+        # n-sample request (same samples), so each sample's tokens arrive step by step.
+        engine, call = self.llm.llm_engine, next(self._calls)
+        partial: dict[str, _Sample] = {}
+        for i, request in enumerate(requests):
+            for j in range(samples):
+                rid = f"rlpost-{call}-{i}-{j}"
+                engine.add_request(rid, request, _vllm_params(params, seeds[i] + j, 1))
+                partial[rid] = _Sample()
+        try:
+            self._drive(engine, partial)
+        except BaseException:
+            engine.abort_request([rid for rid, s in partial.items() if s.finish is None], internal=False)
+            raise
+        if self._prefix_stale and not engine.has_unfinished_requests():
+            self._prefix_stale = not self.llm.reset_prefix_cache()
+        done = [self._completion(s) for s in partial.values()]
+        return [done[i * samples:(i + 1) * samples] * copies for i in range(len(requests))]
 
-    def _completion(self, output) -> Completion:
-        token_ids = tuple(int(t) for t in output.token_ids)
-        if output.finish_reason not in ("stop", "length"):
-            raise ModelError(f"vLLM finished a request with {output.finish_reason!r}; expected stop or length")
-        if output.logprobs is None or len(output.logprobs) != len(token_ids):
+    def _drive(self, engine, partial: dict[str, _Sample]) -> None:
+        """Step the engine until every request of ``partial`` finished. One engine step
+        (schedule, forward, sample) under the gate: a weight update from another thread
+        lands between two steps, and the tokens of later steps record its version."""
+        while any(s.finish is None for s in partial.values()):
+            with self.gate.step():
+                if not self._weights_ok:
+                    raise ModelError("the last update_weights failed part-way; the model holds a mix of "
+                                     "versions. Send a full, valid set of weights before generating again.")
+                if self._recompute:
+                    # Preempt the running requests: vLLM re-prefills prompt + tokens so far
+                    # (now with the new weights) before their next token.
+                    engine.reset_prefix_cache(reset_running_requests=True)
+                    self._recompute = self._prefix_stale = False
+                outputs = engine.step()
+                version = self.policy_version
+            for out in outputs:
+                sample = partial.get(out.request_id)
+                if sample is not None:
+                    sample.add(out.outputs[0], version, out.finished)
+
+    def _completion(self, sample: _Sample) -> Completion:
+        token_ids = tuple(sample.token_ids)
+        if sample.finish not in ("stop", "length"):
+            raise ModelError(f"vLLM finished a request with {sample.finish!r}; expected stop or length")
+        if len(sample.logprobs) != len(token_ids) or len(sample.versions) != len(token_ids):
             raise ModelError("vLLM returned no sampler log-prob for some tokens")
+        oldest = min(sample.versions, default=self.policy_version)
         return Completion(
             token_ids=token_ids,
-            logprobs=tuple(float(step[t].logprob) for step, t in zip(output.logprobs, token_ids)),
+            logprobs=tuple(sample.logprobs),
             text=self.tokenizer.decode(list(token_ids), skip_special_tokens=True),
-            finish_reason=output.finish_reason,
-            policy_version=self.policy_version,
+            finish_reason=sample.finish,
+            policy_version=oldest,
+            token_versions=tuple(sample.versions) if sample.versions and max(sample.versions) != oldest else None,
         )
 
     # ------------------------------------------------------------------ weights
@@ -193,6 +252,11 @@ class VLLMRolloutEngine:
         (``rlpost.sync.transport``) is never left waiting; the error is raised
         afterwards and the engine refuses to generate until a good update arrives.
         """
+        # Between two engine steps of a generate running in another thread, if any.
+        with self.gate.load():
+            self._load(weights, version)
+
+    def _load(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         check = _WeightStream(weights, self._checkpoint, self._tied)
         self._weights_ok = False
         try:
@@ -203,7 +267,13 @@ class VLLMRolloutEngine:
         except Exception as exc:  # vLLM rejected a tensor: keep draining, then report it
             check.fail(f"vLLM could not load the weights: {type(exc).__name__}: {exc}")
         check.drain()
-        self.llm.reset_prefix_cache()
+        # With requests running vLLM keeps the prefix cache (their blocks are in use):
+        # recompute preempts them at the next step; keep resets it once they are done.
+        running = self.llm.llm_engine.has_unfinished_requests()
+        if running and self.inflight_kv == "recompute":
+            self._recompute = True
+        elif not self.llm.reset_prefix_cache():
+            self._prefix_stale = True
         if check.error is not None:
             raise ModelError(f"update_weights to version {version} failed: {check.error}. "
                              f"Weight names must match the rollout model's checkpoint (HF state_dict).")
@@ -240,6 +310,26 @@ class VLLMRolloutEngine:
         self.llm.reset_prefix_cache()
         self._weights_ok = True
         self.policy_version = version
+
+
+class _Sample:
+    """One request's tokens as the engine steps produce them (``RequestOutputKind.DELTA``)."""
+
+    def __init__(self):
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.versions: list[int] = []
+        self.finish: str | None = None
+
+    def add(self, output, version: int, finished: bool) -> None:
+        new = [int(t) for t in output.token_ids]
+        if new and (output.logprobs is None or len(output.logprobs) != len(new)):
+            raise ModelError("vLLM returned no sampler log-prob for some tokens")
+        self.token_ids += new
+        self.logprobs += [float(step[t].logprob) for step, t in zip(output.logprobs or [], new)]
+        self.versions += [version] * len(new)
+        if finished:
+            self.finish = output.finish_reason
 
 
 class _WeightStream:
@@ -292,6 +382,7 @@ class _WeightStream:
 
 def _vllm_params(params: SamplingParams, seed: int, n: int):
     from vllm import SamplingParams as VLLMSamplingParams
+    from vllm.sampling_params import RequestOutputKind
 
     return VLLMSamplingParams(
         n=n,
@@ -303,6 +394,7 @@ def _vllm_params(params: SamplingParams, seed: int, n: int):
         include_stop_str_in_output=True,
         seed=seed,
         logprobs=0,  # the sampled token's log-prob only
+        output_kind=RequestOutputKind.DELTA,  # each step's new tokens (their policy version)
     )
 
 

@@ -4,7 +4,10 @@ rewards the advantage estimator sees (DAPO overlong penalty, dynamic sampling).
 Contract: ``collect(step, policy_version)`` consumes prompts from the stream, waits
 for the rollout group and the reward pool, and returns exactly
 ``data.train_batch_size`` groups of ``rollout.n`` trajectories, every one sampled by
-``policy_version`` (anything else raises ``WorkerError``).
+``policy_version`` (anything else raises ``WorkerError``). With
+``trainer.inflight_updates`` new weights may land while it samples: every token is
+then sampled by ``policy_version`` or a later version (``Completion.token_versions``);
+an older one still raises.
 """
 
 from __future__ import annotations
@@ -41,10 +44,11 @@ class CollectSettings:
     algorithm: AlgorithmConfig  # dynamic sampling, overlong shaping, the Algorithm's extra samples
     train_batch_size: int  # prompts (groups) per step
     seed: int
+    inflight: bool = False  # trainer.inflight_updates: later versions may land mid-collect
 
     @classmethod
     def of(cls, cfg: RunConfig) -> CollectSettings:
-        return cls(cfg.rollout, cfg.algorithm, cfg.data.train_batch_size, cfg.seed)
+        return cls(cfg.rollout, cfg.algorithm, cfg.data.train_batch_size, cfg.seed, cfg.trainer.inflight_updates)
 
 
 class Collector:
@@ -121,15 +125,17 @@ class Collector:
                                 stop=tuple(self.cfg.rollout.stop))
         with timer("rollout"):
             groups = self.rollout.generate([list(p.prompt_ids) for p in prompts], params)
-        self._check_versions(groups, policy_version)
+        self._check_versions(groups, policy_version, self.cfg.inflight)
         with timer("reward"):
             scored = self._score(prompts, groups)
         return {"baseline": torch.tensor([t.reward.total for t in scored], dtype=torch.float32),
                 "baseline_valid": torch.tensor([t.reward.error is None for t in scored])}
 
     @staticmethod
-    def _check_versions(groups, policy_version: int) -> None:
-        stale = {c.policy_version for g in groups for c in g} - {policy_version}
+    def _check_versions(groups, policy_version: int, inflight: bool) -> None:
+        # policy_version is the oldest token's; in flight, later versions are expected.
+        stale = {c.policy_version for g in groups for c in g
+                 if c.policy_version < policy_version or (c.policy_version != policy_version and not inflight)}
         if stale:
             raise WorkerError(f"rollouts came from policy versions {sorted(stale)}, expected "
                               f"{policy_version}: a replica missed a weight sync")
@@ -140,7 +146,7 @@ class Collector:
             return self.episodes.collect(prompts, self.sampling_params(step, round_), policy_version, timer)
         with timer("rollout"):
             groups = self.rollout.generate([list(p.prompt_ids) for p in prompts], self.sampling_params(step, round_))
-        self._check_versions(groups, policy_version)
+        self._check_versions(groups, policy_version, self.cfg.inflight)
         with timer("reward"):
             trajectories = self._score(prompts, groups)
         n = self.cfg.rollout.n

@@ -8,7 +8,10 @@ Each loop iteration ("turn") batches the model turn of every live episode into O
 ``rollout.generate(prompt_ids, SamplingParams(n=1, seed=...))`` call, so the HF and
 vLLM engines work unchanged, then steps all their environments at once in the env
 pool. It waits for both; nothing else unblocks it. Every token of an episode is
-sampled by ``policy_version`` (checked; a replica that missed a weight sync raises).
+sampled by ``policy_version`` (checked; a replica that missed a weight sync raises);
+with ``trainer.inflight_updates`` by ``policy_version`` or a later version, and the
+episode's ``Completion.token_versions`` records which (an observation's tokens carry
+the version of the sampled token before them).
 
 Token identity. An episode's completion is ``turn_1 + obs_1 + turn_2 + ...``:
 ``turn_k`` are the sampler's ids (loss mask 1, the sampler's logprobs) and ``obs_k``
@@ -58,6 +61,7 @@ class Episode:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     mask: list[int] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)  # policy version of every token
     turns: int = 0
     rewards: list[Reward] = field(default_factory=list)
     reward_error: str | None = None
@@ -77,6 +81,7 @@ class Episode:
         self.tokens += ids
         self.logprobs += [0.0] * len(ids)
         self.mask += [0] * len(ids)
+        self.versions += self.versions[-1:] * len(ids)  # never empty: a model turn came first
 
 
 def task_of(sample: PromptSample, messages: list[dict]) -> Task:
@@ -92,6 +97,7 @@ class EpisodeCollector:
         self.cfg, self.rollout, self.envs = cfg, rollout, envs
         self.tokenizer = tokenizer
         self.renderer = ChatRenderer(tokenizer)
+        self.inflight = cfg.trainer.inflight_updates  # later versions may land inside a turn
         self.metrics: dict[str, float] = {}
 
     # ------------------------------------------------------------ training
@@ -126,16 +132,17 @@ class EpisodeCollector:
                 outs = self.rollout.generate([e.prompt_ids + e.tokens for e in live], turn_params)
             actions = []
             for e, (c,) in zip(live, outs):
-                if c.policy_version != policy_version:
+                if c.policy_version < policy_version or (c.policy_version != policy_version and not self.inflight):
                     raise WorkerError(f"a multi-turn rollout came from policy version {c.policy_version}, "
                                       f"expected {policy_version}: a replica missed a weight sync")
-                ids, lps = list(c.token_ids), list(c.logprobs)
+                ids, lps, vs = list(c.token_ids), list(c.logprobs), list(c.versions())
                 e.finish_reason = c.finish_reason
                 if budget is not None and len(e.tokens) + len(ids) > budget:
                     keep = max(0, budget - len(e.tokens))
-                    ids, lps, e.finish_reason = ids[:keep], lps[:keep], "length"
+                    ids, lps, vs, e.finish_reason = ids[:keep], lps[:keep], vs[:keep], "length"
                 e.tokens += ids
                 e.logprobs += lps
+                e.versions += vs
                 e.mask += [1] * len(ids)
                 e.turns += 1
                 actions.append(self.tokenizer.decode(ids, skip_special_tokens=True))
@@ -227,10 +234,14 @@ class EpisodeCollector:
                 for k, v in r.components.items():
                     components[k] = components.get(k, 0.0) + v
             reward = Reward(total=sum(r.total for r in e.rewards), components=components)
+        # The oldest version of any token; an episode with no tokens (dropped early) has policy_version's.
+        oldest = min(e.versions, default=policy_version)
+        mixed = bool(e.versions) and max(e.versions) != oldest
         completion = Completion(
             token_ids=tuple(e.tokens), logprobs=tuple(e.logprobs),
             text=self.tokenizer.decode(e.tokens, skip_special_tokens=True),
-            finish_reason=e.finish_reason, policy_version=policy_version, loss_mask=tuple(e.mask))
+            finish_reason=e.finish_reason, policy_version=oldest, loss_mask=tuple(e.mask),
+            token_versions=tuple(e.versions) if mixed else None)
         prompt = dataclasses.replace(e.sample, prompt_ids=tuple(e.prompt_ids) or e.sample.prompt_ids)
         return Trajectory(prompt=prompt, completion=completion, reward=reward, group_index=e.group)
 

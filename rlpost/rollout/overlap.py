@@ -9,16 +9,29 @@ processes (or, with ``rlpost.local``, torch code that releases the GIL).
     with replicas lock:                             drop it if older than max_staleness
         Collector.collect(batch k, version v)       Controller.train_on(step)
         buffer.put(batch)                             -> weight sync, under the replicas lock
+                                                       (in-flight updates: without it)
                                                     eval, checkpoint: under the replicas lock
 
 Policy versions. The trainer's weights after ``s`` updates are version ``s`` (as in
 sync mode); a batch is sampled by the version the replicas serve when its
 ``collect`` starts, and every ``Completion`` records it. The replicas lock is held
 for a whole ``collect`` and for every weight push, so weights change only between
-requests: a batch is never sampled by two versions. (No partial rollouts: an
-in-flight request is never given new weights.) A batch sampled by version ``v`` and
-trained by the update from version ``w`` is ``w - v`` versions stale; the trainer
-drops it when that exceeds the bound. The trainer recomputes the old log-probs with
+requests: a batch is never sampled by two versions.
+
+In-flight updates (``trainer.inflight_updates``, async only). The push does not take
+the replicas lock: the replicas load the new weights between two decoding steps of
+the requests in flight (``rlpost.engines.inflight``), which go on with them (partial
+rollouts; ``rollout.inflight_kv`` says what happens to their KV cache). The producer
+never waits for the trainer, and the trainer never waits for a batch to finish
+before pushing. Every token records the version that sampled it
+(``Completion.token_versions``); a completion's ``policy_version``, and a batch's,
+is its OLDEST token's: the version served when its ``collect`` started.
+
+Staleness. A batch whose oldest token was sampled by version ``v``, trained by the
+update from version ``w``, is ``w - v`` versions stale; the trainer drops it when
+that exceeds the bound (per batch, not per sample, so GRPO groups stay whole).
+``async/token_lag_0|1|2plus`` give the share of its sampled tokens per lag and
+``async/version_oldest|newest`` the spread (``rlpost.rollout.provenance``). The trainer recomputes the old log-probs with
 its current weights, so PPO's ratio is against them; the sampler's log-probs reach
 the loss as ``rollout_logprobs`` for ``algorithm.tis_cap`` (truncated importance
 sampling, the off-policy correction).
@@ -36,7 +49,10 @@ sampling, the off-policy correction).
 
 Checkpoints hold the buffered batches (``rollout_buffer.pkl``) and the producer's
 position: they are saved under the replicas lock, so no batch is half-sampled and
-the prompt stream's position matches the buffer. Seeds derive from the batch index
+the prompt stream's position matches the buffer. With in-flight updates too: the
+save (and eval) waits for the batch in flight to finish and be put in the buffer,
+so the checkpoint holds it, token versions included, and a resumed run trains it
+first; the producer resumes sampling after the save. Seeds derive from the batch index
 (``Collector.sampling_params``), which equals the step unless batches were dropped.
 
 Shutdown: the trainer thread leaves ``run`` on success, ``Preempted``, or any error;
@@ -52,12 +68,14 @@ import pickle
 import threading
 import time
 from collections import deque
+from contextlib import nullcontext
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, cast
 
 from rlpost.rollout.collect import Collected, Collector
+from rlpost.rollout.provenance import oldest_version, token_lag_metrics
 from rlpost.config.schema import TrainerConfig
 from rlpost.step.timing import Timer
 
@@ -69,7 +87,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class SampledBatch:
     index: int  # 1-based position in the producer's sequence; its sampling seeds derive from it
-    policy_version: int  # the version that sampled every completion of the batch
+    policy_version: int  # the oldest version that sampled any token of the batch
     collected: Collected
     timings: dict[str, float]  # the producer's timing/rollout_s, timing/reward_s
 
@@ -168,7 +186,9 @@ class StepOwner(Protocol):
 
 class _PushBetweenRequests:
     """A weight-sync link wrapped so that a push takes the replicas lock: weights
-    change only between ``collect`` calls, never under one."""
+    change only between ``collect`` calls, never under one. With in-flight updates
+    (``trainer.inflight_updates``) the push goes straight to the replicas instead,
+    which load it between two decoding steps of the requests in flight."""
 
     def __init__(self, link, run: OverlappedRun):
         self.link, self.run = link, run
@@ -179,9 +199,11 @@ class _PushBetweenRequests:
         # Outside run() (a restore) there is no producer to wait for.
         if run.one_step_off and run.buffer is not None:
             run.buffer.wait_sampled(min(version + 1, run.total_steps))
-        with run.replicas_lock:
+        with nullcontext() if run.inflight else run.replicas_lock:
             run.sync_wait_s += time.perf_counter() - t0
             self.link.push(version)
+            # Every replica serves `version` now; a collect starting later checks its
+            # tokens against it (one starting earlier checks against the older one).
             run.serving = version
 
 
@@ -192,14 +214,15 @@ class OverlappedRun:
         self.owner, self.collector, self.mode = owner, collector, trainer.mode
         tc = trainer
         self.one_step_off = tc.mode == "one_step_off"
+        self.inflight = tc.inflight_updates  # pushes do not wait for the batch in flight
         self.max_staleness = 1 if self.one_step_off else tc.max_staleness
         self.capacity = 1 if self.one_step_off else (tc.async_buffer or tc.max_staleness)
         self.total_steps = tc.total_steps
         # Held by the producer for a whole collect, and by the trainer thread to push
-        # weights, evaluate and checkpoint.
+        # weights (not with in-flight updates), evaluate and checkpoint.
         self.replicas_lock = threading.Lock()
         self.buffer: RolloutBuffer | None = None
-        self.serving = 0  # version the replicas serve; changed only under the lock
+        self.serving = 0  # version every replica serves (at least); set after each push
         self.produced = 0  # batches sampled so far (the stream has handed out their prompts)
         self.dropped = 0  # batches dropped as too stale, over the whole run
         self.sync_wait_s = 0.0  # this step's wait for the lock (and one_step_off's next batch)
@@ -255,9 +278,12 @@ class OverlappedRun:
 
     @staticmethod
     def _staleness_metrics(batch: SampledBatch, version: int) -> dict:
-        """Per-sample lag of the sampling policy behind the weights this update starts from."""
-        lags = [version - t.completion.policy_version for t in batch.collected.trajectories]
-        return {"async/staleness_mean": sum(lags) / len(lags), "async/staleness_max": float(max(lags))}
+        """Per-sample lag of the oldest token's policy behind the weights this update
+        starts from, and the per-token spread (``rlpost.rollout.provenance``)."""
+        trajectories = batch.collected.trajectories
+        lags = [version - t.completion.policy_version for t in trajectories]
+        return {"async/staleness_mean": sum(lags) / len(lags), "async/staleness_max": float(max(lags)),
+                **token_lag_metrics(trajectories, version)}
 
     # ------------------------------------------------------------ producer side
     def _produce(self, buffer: RolloutBuffer) -> None:
@@ -268,7 +294,10 @@ class OverlappedRun:
                 with self.replicas_lock:
                     index, version, timer = self.produced + 1, self.serving, Timer()
                     collected = self.collector.collect(index, version, timer)
-                    buffer.put(SampledBatch(index, version, collected, dict(timer)))
+                    # In flight, later versions may have sampled part of it: the batch is as
+                    # old as its oldest token (``version`` otherwise).
+                    oldest = oldest_version(collected.trajectories)
+                    buffer.put(SampledBatch(index, oldest, collected, dict(timer)))
                     self.produced = index
         except BaseException as err:  # surfaced on the trainer thread by get() / wait_sampled()
             err.add_note(f"(raised in the rollout producer thread, trainer.mode={self.mode})")

@@ -43,7 +43,10 @@ from rlpost.workers.placement import GroupPlacement, actor_device
 log = logging.getLogger(__name__)
 
 
-@ray.remote
+# receive_weights runs in a thread of its own ("weights" group), so an in-flight update
+# (trainer.inflight_updates) reaches the engine while generate runs in the default
+# group; the engine's DecodeGate orders the two. Every other call stays serial, as before.
+@ray.remote(concurrency_groups={"weights": 1})
 class RolloutActor:
     def __init__(self, cfg: RunConfig, model_path: str, replica: int):
         from rlpost.engines import make_rollout_engine
@@ -93,6 +96,7 @@ class RolloutActor:
             self.receiver = None
         self.receiver = WeightReceiver(host, port, self.replica + 1, world_size, timeout_s, device=self._device)
 
+    @ray.method(concurrency_group="weights")
     def receive_weights(self, plan, version: int) -> int:
         self.engine.update_weights(self.receiver.receive(plan, version), version)
         return self.engine.policy_version

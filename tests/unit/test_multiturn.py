@@ -176,3 +176,47 @@ def test_tool_fields_do_not_change_the_plain_models_cache_key():
     plain = TinyMathSpec()
     assert spec_hash(dataclasses.replace(plain, tool_python_frac=0.9), 0) == spec_hash(plain, 0)
     assert spec_hash(dataclasses.replace(TOOL_SPEC, tool_python_frac=0.9), 0) != spec_hash(TOOL_SPEC, 0)
+
+
+class UpdatedBetweenTurns(LocalRolloutGroup):
+    """Each engine takes a new policy version after every generate call: what
+    in-flight updates (trainer.inflight_updates) do to an episode between its turns."""
+
+    def generate(self, prompts, params):
+        out = super().generate(prompts, params)
+        for engine in self.engines:
+            engine.update_weights([], engine.policy_version + 1)
+        return out
+
+
+@pytest.mark.parametrize("inflight", [True, False])
+def test_token_versions_are_carried_through_turns(inflight, model_path, tmp_path):
+    from rlpost.engines.fake import FakeRolloutEngine
+    from rlpost.errors import WorkerError
+
+    tokenizer = load_tokenizer(model_path)
+    mode = ["trainer.mode=async", "trainer.inflight_updates=true"] if inflight else []
+    cfg = load_config(["rollout.max_turns=3", "env.fn=rlpost.envs.fake:FakeEnv", f"output_dir={tmp_path}", *mode])
+    # length_fraction 0: every turn ends with EOS, so episodes reach turn 3.
+    rollout = UpdatedBetweenTurns([FakeRolloutEngine(seed=0, length_fraction=0.0)])
+    envs = LocalEnvPool("rlpost.envs.fake:FakeEnv", {"turns": 3})
+    collector = EpisodeCollector(cfg, rollout, envs, tokenizer)
+    params = SamplingParams(n=2, max_new_tokens=6, seed=5)
+    try:
+        if not inflight:  # turn 2 comes from version 1 where the collect expected 0: refused
+            with pytest.raises(WorkerError, match="policy version 1, expected 0"):
+                collector.collect(_samples(), params, 0, lambda name: _null())
+            return
+        trajectories, _, valid = collector.collect(_samples(), params, 0, lambda name: _null())
+    finally:
+        envs.shutdown()
+    assert bool(valid.all())
+    for traj in trajectories:
+        c = traj.completion
+        # Turn k (and the observation after it, mask 0) was sampled by version k - 1.
+        turn, expected = 0, []
+        for t, m in enumerate(c.loss_mask):
+            if m == 1 and (t == 0 or c.loss_mask[t - 1] == 0):
+                turn += 1
+            expected.append(turn - 1)
+        assert turn == 3 and c.versions() == tuple(expected) and c.policy_version == 0
