@@ -27,7 +27,10 @@ class GatewayConfig:
     engine's context); longer requests get a 400. ``model_name``: what ``/v1/models``
     lists (clients must send some ``model``; any value is accepted).
     ``default_max_tokens``: when a chat request sets neither ``max_tokens`` nor
-    ``max_completion_tokens``."""
+    ``max_completion_tokens``. ``temperature`` / ``top_p``: when set, every request
+    samples with them whatever it asks for. Training sets them to the run's
+    ``rollout.temperature``/``top_p`` (the trainer scores tokens at that temperature, and
+    the recorded sampler log-probs must match it) and eval to greedy."""
 
     host: str = "127.0.0.1"
     port: int = 0
@@ -35,6 +38,8 @@ class GatewayConfig:
     max_context_tokens: int = 2048
     model_name: str = "rlpost-policy"
     default_max_tokens: int = 256
+    temperature: float | None = None
+    top_p: float | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -46,3 +51,7 @@ class GatewayConfig:
             raise ConfigError(f"gateway max_context_tokens must be >= 2, got {self.max_context_tokens}")
         if self.default_max_tokens < 1:
             raise ConfigError(f"gateway default_max_tokens must be >= 1, got {self.default_max_tokens}")
+        if self.temperature is not None and self.temperature < 0:
+            raise ConfigError(f"gateway temperature must be >= 0 (or None: the request's), got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ConfigError(f"gateway top_p must be in (0, 1] (or None: the request's), got {self.top_p}")

@@ -75,7 +75,9 @@ class GatewayService:
             return self.rollout.generate(prompts, params, replica=replica)
 
     def _params(self, req: ChatRequest | CompletionRequest, max_new_tokens: int) -> SamplingParams:
-        return SamplingParams(n=req.n, temperature=req.temperature, top_p=req.top_p, max_new_tokens=max_new_tokens,
+        cfg = self.cfg  # a configured temperature/top_p overrides the request's (see GatewayConfig)
+        return SamplingParams(n=req.n, temperature=req.temperature if cfg.temperature is None else cfg.temperature,
+                              top_p=req.top_p if cfg.top_p is None else cfg.top_p, max_new_tokens=max_new_tokens,
                               stop=req.stop_strings(), seed=req.seed)
 
     def chat(self, session_id: str | None, req: ChatRequest) -> dict:
