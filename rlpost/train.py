@@ -132,8 +132,13 @@ def run(cfg: RunConfig) -> dict:
         groups.append(rollout)
         rewards = RewardPool(cfg.reward, faults)
         groups.append(rewards)
-        envs = None
-        if cfg.env.enabled(cfg.rollout):  # multi-turn episodes: environments in their own actors
+        envs = agents = None
+        if cfg.env.agent is not None:  # user agents in their own actors, through the gateway
+            from rlpost.workers.agent_pool import AgentPool
+
+            agents = AgentPool(cfg.env, faults)
+            groups.append(agents)
+        elif cfg.env.enabled(cfg.rollout):  # multi-turn episodes: environments in their own actors
             from rlpost.rollout.multiturn import env_factory
             from rlpost.workers.env_pool import EnvPool
 
@@ -186,7 +191,7 @@ def run(cfg: RunConfig) -> dict:
                               weight_sync=parts.weight_sync, stream=stream,
                               val_samples=val, tracker=tracker, checkpoints=checkpoints,
                               pad_id=tokenizer.pad_token_id, use_reference=use_reference, envs=envs,
-                              critic=parts.critic, faults=faults, perf=step_perf())
+                              critic=parts.critic, faults=faults, perf=step_perf(), agents=agents)
 
         supervisor = TrainerSupervisor(build_trainer=build_trainer, make_controller=make_controller,
                                        checkpoints=checkpoints, tracker=tracker,
