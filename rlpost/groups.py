@@ -107,7 +107,7 @@ class EnvPoolLike(Protocol):
 class AgentPoolLike(Protocol):
     """User agents (``env.agent``), each run against its own gateway session."""
 
-    def run(self, items: list[tuple[str, str, dict]]) -> list[AgentResult | EnvFailure]:
+    def run(self, items: list[tuple[str, str, dict[str, Any]]]) -> list[AgentResult | EnvFailure]:
         """``items``: (episode id, session base URL, task row); one result per item, in order."""
         ...
 

@@ -29,8 +29,8 @@ from rlpost.algorithms.algorithm import AdvantageInputs
 from rlpost.algorithms.on_policy import old_logprob_plan
 from rlpost.step.batching import build_train_batch, mini_batches, with_loss_rows
 from rlpost.rollout.collect import Collected, CollectSettings, Collector
-from rlpost.rollout.agents import make_agent_collector
-from rlpost.rollout.multiturn import make_episode_collector
+from rlpost.rollout.agents import AgentEpisodeCollector, make_agent_collector
+from rlpost.rollout.multiturn import EpisodeCollector, make_episode_collector
 from rlpost.checkpoint import RNG_FILE, CheckpointManager, ControllerState
 from rlpost.config.schema import RunConfig
 from rlpost.step.critic import CriticStages
@@ -60,7 +60,7 @@ class Controller:
         self.stream, self.val_samples, self.tracker, self.checkpoints = stream, val_samples, tracker, checkpoints
         # envs: multi-turn env pool; messages go to the console line through the tracker
         # agents: env.agent's pool (None: in process); their episodes go through the gateway
-        episodes = None
+        episodes: EpisodeCollector | AgentEpisodeCollector | None = None
         if cfg.env.agent is not None:
             episodes = make_agent_collector(cfg, rollout, rewards, agents)
         elif cfg.env.enabled(cfg.rollout):

@@ -49,8 +49,9 @@ class AgentPool:
         self.faults = faults or FaultCounts()
         # Pinned to this node: the gateway listens on the driver's loopback.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.actors = [AgentActor.options(num_cpus=0, max_restarts=-1, max_concurrency=1000,
-                                          scheduling_strategy=here).remote(spec, dict(cfg.kwargs), cfg.timeout_s)
+        # @ray.remote adds .options/.remote, which Ray's type stubs do not declare.
+        options = dict(num_cpus=0, max_restarts=-1, max_concurrency=1000, scheduling_strategy=here)
+        self.actors = [AgentActor.options(**options).remote(spec, dict(cfg.kwargs), cfg.timeout_s)  # type: ignore[attr-defined]
                        for _ in range(cfg.workers)]
 
     def run(self, items: list[tuple[str, str, dict]]) -> list[AgentResult | EnvFailure]:
