@@ -51,3 +51,13 @@ async def says_yes(client, row):
 
 def not_async(client, row):
     return 1.0
+
+
+async def crashes_on_crash(client, row):
+    """Kills its whole process (the agent actor) on the task with uid "crash"."""
+    import os
+
+    if row["uid"] == "crash":
+        os._exit(1)
+    await client.chat.completions.create(model="m", messages=row["messages"], max_tokens=4)
+    return 1.0

@@ -28,6 +28,54 @@ def sandbox_url():
     stop_local(proc)
 
 
+@pytest.fixture()
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    yield
+    ray.shutdown()
+
+
+def test_an_agent_that_kills_its_actor_fails_only_the_episodes_there(ray_cluster):
+    """Two agent actors; the agent on actor 1 kills its process. Actor 0's episode
+    finishes; actor 1's fails with a message, and Ray brings actor 1 back for later ones."""
+    import time
+
+    from rlpost.config.schema import EnvConfig
+    from rlpost.envs.agent import AgentResult
+    from rlpost.envs.base import EnvFailure
+    from rlpost.faults import FaultCounts
+    from rlpost.gateway import GatewayServer
+    from rlpost.models.loading import load_tokenizer, resolve_model_path
+    from rlpost.workers.agent_pool import AgentPool
+    from test_agents import ScriptedGroup
+
+    tokenizer = load_tokenizer(resolve_model_path("builtin:tiny-math-tool"))
+    faults = FaultCounts()
+    pool = AgentPool(EnvConfig(agent=f"{Path(__file__).parent / 'agent_examples.py'}:crashes_on_crash",
+                               workers=2, timeout_s=30.0), faults)
+
+    def row(uid):
+        return {"uid": uid, "question": "q", "answer": "1", "metadata": {},
+                "messages": [{"role": "user", "content": "What is 1 + 0?"}]}
+
+    with GatewayServer(ScriptedGroup(tokenizer), tokenizer) as gw:
+        items = [("e0", gw.new_session()[1], row("fine")), ("e1", gw.new_session()[1], row("crash"))]
+        ok, lost = pool.run(items)
+        assert ok == AgentResult(1.0)
+        assert isinstance(lost, EnvFailure) and "lost agent actor 1" in lost.error
+        assert faults.counts["env/actor_failures"] == 1
+        deadline = time.monotonic() + 60  # Ray restarts the dead actor
+        while True:
+            again = pool.run([("e2", gw.new_session()[1], row("a")), ("e3", gw.new_session()[1], row("b"))])
+            if again == [AgentResult(1.0)] * 2 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert again == [AgentResult(1.0)] * 2
+    pool.shutdown()
+
+
 def test_grpo_agent_openai_two_steps_through_ray(tmp_path, sandbox_url):
     out = tmp_path / "run"
     args = ["+recipe=grpo_agent_openai", "trainer.total_steps=2", "data.train_batch_size=2", "rollout.n=4",
