@@ -123,8 +123,9 @@ class AgentEpisodeCollector:
         return metrics
 
     # ------------------------------------------------------------ the episodes
-    def run(self, episodes: list[AgentEpisode], gateway_cfg: GatewayConfig, policy_version: int) -> dict[str, int]:
-        """Every episode to a finished session or dropped; returns the gateway's counters."""
+    def run(self, episodes: list[AgentEpisode], gateway_cfg: GatewayConfig, policy_version: int) -> dict[str, float]:
+        """Every episode to a finished session or dropped; returns the gateway's counters
+        and its batching (``generate_calls``, ``requests_per_call``)."""
         max_attempts = self.cfg.env.max_retries + 1
         pending = list(episodes)
         with GatewayServer(self.rollout, self.tokenizer, gateway_cfg) as gw:
@@ -145,7 +146,7 @@ class AgentEpisodeCollector:
                     else:
                         e.dropped = True
                 pending = again
-            return dict(gw.service.counters)
+            return {**gw.service.counters, **gw.service.batching()}
 
     def _finish(self, e: AgentEpisode, res: AgentResult | EnvFailure, branches: list[SessionSample],
                 policy_version: int) -> str | None:
