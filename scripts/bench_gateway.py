@@ -9,15 +9,16 @@ Paths (each one call = one prompt, one completion, greedy, so every path samples
 same tokens and only the path differs):
 
 - ``direct``: ``LocalRolloutGroup.generate([prompt_ids], params, replica=0)`` with the
-  prompt already templated and encoded (the chat renderer, outside the timing);
+  prompt already templated and encoded (the chat renderer, outside the timing), through
+  the same ``ReplicaBatcher`` the gateway uses, so at any concurrency both paths batch
+  alike and the difference is the gateway's HTTP, JSON, templating and parsing;
 - ``gateway``: ``client.chat.completions.create(messages=...)`` against the stateless
   ``/v1/chat/completions`` (HTTP, JSON, templating, encoding, reply parsing);
 - ``session``: the same request on a fresh gateway session per call, recorded for
   training (``/sessions/<id>/v1``), the path ``env.agent`` uses (same client connection
   pool; sessions are never closed during the run, so their records accumulate).
 
-``--concurrency`` threads send calls at once on every path (the direct path through a
-lock, as the gateway serialises one replica's calls). The paths alternate over
+``--concurrency`` threads send calls at once on every path. The paths alternate over
 ``--rounds`` rounds, so load on a shared machine hits each alike; the report gives, per
 path, requests/s and mean latency per call (median over rounds), and per gateway path
 the ratio of its requests/s to direct and the latency it adds (ms per call).
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -81,6 +81,7 @@ def main(argv=None) -> None:
 
     from rlpost.data.math_gen import generate_problems
     from rlpost.envs.chat import ChatRenderer
+    from rlpost.gateway.batching import ReplicaBatcher
     from rlpost.gateway import GatewayConfig, GatewayServer
     from rlpost.local import LocalRolloutGroup
     from rlpost.models.loading import load_tokenizer, resolve_model_path
@@ -95,11 +96,10 @@ def main(argv=None) -> None:
     conversations = [[{"role": "user", "content": p.question}] for p in problems]
     prompt_ids = [renderer.opening_ids(m, []) for m in conversations]
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=args.max_tokens)
-    lock = threading.Lock()
+    batcher = ReplicaBatcher(lambda prompts, p: group.generate(prompts, p, replica=0))
 
     def direct(ids):
-        with lock:  # one generate at a time on a replica, as the gateway does
-            return group.generate([ids], params, replica=0)
+        return batcher.generate([ids], params)
 
     results: dict[str, list[tuple[float, float]]] = {"direct": [], "gateway": [], "session": []}
     with GatewayServer(group, tokenizer, GatewayConfig(max_context_tokens=4096)) as gw:
