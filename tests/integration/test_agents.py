@@ -180,3 +180,38 @@ def test_context_tokens_follow_the_token_budgets():
     assert load_config(["env.agent=a:b", "rollout.max_model_len=1000"]).context_tokens() == 1000
     with pytest.raises(ConfigError, match=r"rollout.max_model_len: must hold .* = 320, got 300"):
         load_config(["rollout.max_model_len=300"])
+
+
+class QueueGroup(ScriptedGroup):
+    """Replies with the given texts in turn (EOS appended), one prompt per call."""
+
+    def __init__(self, tokenizer, texts):
+        super().__init__(tokenizer)
+        self.tokenizer, self.texts = tokenizer, list(texts)
+
+    def generate(self, prompts, params, replica=None):
+        text = self.texts.pop(0)
+        ids = tuple(self.tokenizer.encode(text, add_special_tokens=False)) + (self.tokenizer.eos_token_id,)
+        return [[Completion(ids, (LOGPROB,) * len(ids), text, "stop", 4)]]
+
+
+def test_the_example_agent_runs_a_tool_call_and_is_scored_by_reward_fn(tokenizer):
+    """environments/math_agent.py through the gateway: the model's <tool_call> comes back as
+    OpenAI tool_calls, the agent runs the calculator and sends a tool message, the model
+    answers; reward.fn scores the answer. The tool result is in the trained sample, masked."""
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config([f"env.agent={root / 'environments' / 'math_agent.py'}:math_agent",
+                       "model.path=builtin:tiny-math-tool", "rollout.n=1", "rollout.max_total_tokens=160",
+                       "data.system_prompt=null"])
+    call = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "3 + 4"}}\n</tool_call>'
+    group = QueueGroup(tokenizer, [call, REPLY])
+    c = make_agent_collector(cfg, group, LocalRewardPool(cfg.reward), tokenizer=tokenizer)
+    from rlpost.types import SamplingParams
+
+    (t,), rewards, valid = c.collect(PROMPTS[:1], SamplingParams(n=1), 4, no_timer)
+    assert rewards.tolist() == [[1.0]] and valid.all()
+    metrics = c.pop_metrics()
+    assert metrics["env/turns_mean"] == 2 and metrics["gateway/tool_calls"] == 1
+    masked_out = [tok for tok, m in zip(t.completion.token_ids, t.completion.loss_mask) if not m]
+    assert "<tool_response>\n7\n</tool_response>" in tokenizer.decode(masked_out)
+    assert "Tools: calculator<|im_end|>" in tokenizer.decode(list(t.prompt.prompt_ids))  # no sandbox: no python
