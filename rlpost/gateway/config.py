@@ -30,7 +30,9 @@ class GatewayConfig:
     ``max_completion_tokens``. ``temperature`` / ``top_p``: when set, every request
     samples with them whatever it asks for. Training sets them to the run's
     ``rollout.temperature``/``top_p`` (the trainer scores tokens at that temperature, and
-    the recorded sampler log-probs must match it) and eval to greedy."""
+    the recorded sampler log-probs must match it) and eval to greedy.
+    ``max_concurrent_requests``: requests handled at once (each holds a server thread
+    while it waits to be sampled); past it they wait for a thread before batching."""
 
     host: str = "127.0.0.1"
     port: int = 0
@@ -40,6 +42,7 @@ class GatewayConfig:
     default_max_tokens: int = 256
     temperature: float | None = None
     top_p: float | None = None
+    max_concurrent_requests: int = 512
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -51,6 +54,8 @@ class GatewayConfig:
             raise ConfigError(f"gateway max_context_tokens must be >= 2, got {self.max_context_tokens}")
         if self.default_max_tokens < 1:
             raise ConfigError(f"gateway default_max_tokens must be >= 1, got {self.default_max_tokens}")
+        if self.max_concurrent_requests < 1:
+            raise ConfigError(f"gateway max_concurrent_requests must be >= 1, got {self.max_concurrent_requests}")
         if self.temperature is not None and self.temperature < 0:
             raise ConfigError(f"gateway temperature must be >= 0 (or None: the request's), got {self.temperature}")
         if self.top_p is not None and not 0 < self.top_p <= 1:

@@ -217,3 +217,44 @@ def test_the_example_agent_runs_a_tool_call_and_is_scored_by_reward_fn(tokenizer
     masked_out = [tok for tok, m in zip(t.completion.token_ids, t.completion.loss_mask) if not m]
     assert "<tool_response>\n7\n</tool_response>" in tokenizer.decode(masked_out)
     assert "Tools: calculator<|im_end|>" in tokenizer.decode(list(t.prompt.prompt_ids))  # no sandbox: no python
+
+
+def test_more_concurrent_requests_than_threads_by_default_reach_one_batch(tokenizer):
+    """60 sessions ask at once while the replica is busy with a first request: all 59
+    others are sampled in its next call. anyio's default thread limit (40) would have
+    held 20 of them back from the batcher (GatewayConfig.max_concurrent_requests)."""
+    import threading
+    import time
+
+    import openai
+
+    from rlpost.gateway import GatewayServer
+
+    class Busy(ScriptedGroup):
+        def __init__(self, tokenizer):
+            super().__init__(tokenizer)
+            self.sizes, self.release = [], threading.Event()
+
+        def generate(self, prompts, params, replica=None):
+            if not self.sizes:
+                self.release.wait(30)
+            self.sizes.append(len(prompts))
+            return super().generate(prompts, params, replica)
+
+    group = Busy(tokenizer)
+    with GatewayServer(group, tokenizer) as gw:
+        def ask():
+            with openai.OpenAI(base_url=gw.new_session()[1], api_key="x", max_retries=0) as client:
+                client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+
+        threads = [threading.Thread(target=ask) for _ in range(60)]
+        for t in threads:
+            t.start()
+        batcher = gw.service._batchers[0]
+        deadline = time.monotonic() + 30
+        while len(batcher._queue) < 59 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        group.release.set()
+        for t in threads:
+            t.join(30)
+    assert group.sizes == [1, 59]
