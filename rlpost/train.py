@@ -45,6 +45,10 @@ def run(cfg: RunConfig) -> dict:
     # The built-in model is built once with its own fixed seed, not the run seed: a
     # different run seed should not cost a rebuild.
     model_path = resolve_model_path(cfg.model.path)
+    if cfg.env.agent is not None:  # a bad path stops the run now, not after Ray and the actors start
+        from rlpost.envs.agent import load_agent_fn, resolve_agent_spec
+
+        load_agent_fn(resolve_agent_spec(cfg.env.agent))
     _resolve_threads(cfg)
     out = Path(cfg.output_dir).resolve()  # absolute: actors on other nodes get this path
     out.mkdir(parents=True, exist_ok=True)

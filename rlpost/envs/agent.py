@@ -56,8 +56,9 @@ def load_agent_fn(spec: str) -> Callable[..., Any]:
 
     try:
         fn = load_reward_fn(spec)
-    except RewardError as exc:
-        raise ConfigError(f"env.agent: could not load {spec!r}: {exc}") from exc
+    except RewardError as exc:  # the shared importer speaks of reward functions
+        raise ConfigError(f"env.agent: could not load {spec!r}: "
+                          f"{str(exc).replace('reward function', 'agent')}") from exc
     if not inspect.iscoroutinefunction(fn):
         raise ConfigError(f"env.agent: {spec!r} is {type(fn).__name__} {fn!r:.80}, not an async function; "
                           "write it as `async def agent(client, row): ...` (it awaits the openai.AsyncOpenAI client)")
