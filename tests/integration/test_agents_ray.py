@@ -99,3 +99,12 @@ def test_grpo_agent_openai_two_steps_through_ray(tmp_path, sandbox_url):
         assert row["rollout/logprob_abs_diff_max"] < 1e-3
     assert sum(row["gateway/tool_calls"] for row in rows[1:]) > 0  # the tool model called tools
     assert "<tool_response>" in (out / "samples.jsonl").read_text()
+
+
+def test_a_bad_agent_path_stops_the_run_before_ray_starts(tmp_path):
+    args = [f"env.agent={REPO / 'environments' / 'math_agent.py'}:no_such_agent", f"output_dir={tmp_path / 'run'}"]
+    proc = subprocess.run([sys.executable, "-m", "rlpost.train", *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ))
+    assert proc.returncode != 0
+    assert "env.agent: could not load" in proc.stderr + proc.stdout and "no attribute 'no_such_agent'" in proc.stderr
+    assert "started Ray cluster" not in proc.stdout
