@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import torch
 
     from rlpost.engines.base import LossFn
+    from rlpost.envs.agent import AgentResult
     from rlpost.envs.base import EnvFailure, StepResult, Task
     from rlpost.envs.runner import Opening
     from rlpost.types import Completion, Reward, SamplingParams, TrainBatch
@@ -98,6 +99,17 @@ class EnvPoolLike(Protocol):
     def step(self, items: list[tuple[str, str]]) -> list[StepResult | EnvFailure]: ...
 
     def close(self, episode_ids: list[str]) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+@runtime_checkable
+class AgentPoolLike(Protocol):
+    """User agents (``env.agent``), each run against its own gateway session."""
+
+    def run(self, items: list[tuple[str, str, dict[str, Any]]]) -> list[AgentResult | EnvFailure]:
+        """``items``: (episode id, session base URL, task row); one result per item, in order."""
+        ...
 
     def shutdown(self) -> None: ...
 

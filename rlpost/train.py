@@ -46,6 +46,10 @@ def run(cfg: RunConfig) -> dict:
     # The built-in model is built once with its own fixed seed, not the run seed: a
     # different run seed should not cost a rebuild.
     model_path = resolve_model_path(cfg.model.path)
+    if cfg.env.agent is not None:  # a bad path stops the run now, not after Ray and the actors start
+        from rlpost.envs.agent import load_agent_fn, resolve_agent_spec
+
+        load_agent_fn(resolve_agent_spec(cfg.env.agent))
     _resolve_threads(cfg)
     out = Path(cfg.output_dir).resolve()  # absolute: actors on other nodes get this path
     out.mkdir(parents=True, exist_ok=True)
@@ -142,8 +146,13 @@ def run(cfg: RunConfig) -> dict:
         groups.append(rollout)
         rewards = RewardPool(cfg.reward, faults)
         groups.append(rewards)
-        envs = None
-        if cfg.env.enabled(cfg.rollout):  # multi-turn episodes: environments in their own actors
+        envs = agents = None
+        if cfg.env.agent is not None:  # user agents in their own actors, through the gateway
+            from rlpost.workers.agent_pool import AgentPool
+
+            agents = AgentPool(cfg.env, faults)
+            groups.append(agents)
+        elif cfg.env.enabled(cfg.rollout):  # multi-turn episodes: environments in their own actors
             from rlpost.rollout.multiturn import env_factory
             from rlpost.workers.env_pool import EnvPool
 
@@ -196,7 +205,7 @@ def run(cfg: RunConfig) -> dict:
                               weight_sync=parts.weight_sync, stream=stream,
                               val_samples=val, tracker=tracker, checkpoints=checkpoints,
                               pad_id=pad_id, use_reference=use_reference, envs=envs,
-                              critic=parts.critic, faults=faults, perf=step_perf())
+                              critic=parts.critic, faults=faults, perf=step_perf(), agents=agents)
 
         supervisor = TrainerSupervisor(build_trainer=build_trainer, make_controller=make_controller,
                                        checkpoints=checkpoints, tracker=tracker,

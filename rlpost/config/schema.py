@@ -149,6 +149,9 @@ class RolloutConfig:
     # tokens after the prompt (model + environment tokens); 0 = no cap beyond the turns.
     max_turns: int = 1
     max_total_tokens: int = 0
+    # Tokens of prompt + completion the engine is sized for (vLLM's max_model_len, the
+    # gateway's context limit); 0 = derived, see RunConfig.context_tokens.
+    max_model_len: int = 0
     max_restarts: int = 3  # dead replicas replaced over a run (weights re-synced, requests retried)
     # trainer.inflight_updates: the KV cache of requests in flight when new weights land.
     # keep: go on with it (free; its keys/values are the old policy's). recompute:
@@ -183,6 +186,7 @@ class RolloutConfig:
         _require(self.max_total_tokens >= 0, "rollout.max_total_tokens", "must be >= 0 (0 = no cap)")
         _require(self.inflight_kv in ("keep", "recompute"), "rollout.inflight_kv",
                  f"must be keep or recompute, got {self.inflight_kv!r}")
+        _require(self.max_model_len >= 0, "rollout.max_model_len", "must be >= 0 (0 = derived from the token budgets)")
         _require(self.max_restarts >= 0, "rollout.max_restarts", "must be >= 0 (0 = a dead replica stops the run)")
 
 
@@ -418,16 +422,26 @@ class EnvConfig:
     workers: int = 2  # env actors; each runs many episodes concurrently
     timeout_s: float = 30.0  # per reset/step call; past it the episode fails
     max_retries: int = 1  # a failed episode is restarted this many times, then dropped and counted
+    # An agent instead of an environment: "module:fn" or "path/to/file.py:fn" naming
+    # ``async def fn(client, row, **kwargs)`` that talks to the policy through an
+    # openai.AsyncOpenAI client on a gateway session (rlpost.rollout.agents, docs/agents.md).
+    agent: str | None = None
 
     def check(self) -> None:
         _require(self.fn is None or ":" in self.fn, "env.fn", f"must look like 'module:factory', got {self.fn!r}")
+        _require(self.agent is None or ":" in self.agent, "env.agent",
+                 f"must look like 'package.module:fn' or 'path/to/file.py:fn', got {self.agent!r}")
+        _require(self.agent is None or self.fn is None, "env.agent",
+                 f"an episode runs either an environment (env.fn={self.fn!r}) or an agent "
+                 f"(env.agent={self.agent!r}); set the other to null")
         _require(self.workers >= 1, "env.workers", "must be >= 1")
         _require(self.timeout_s > 0, "env.timeout_s", "must be > 0")
         _require(self.max_retries >= 0, "env.max_retries", "must be >= 0")
 
     def enabled(self, rollout: "RolloutConfig") -> bool:
-        """Whether episodes run through environments (rlpost.rollout.multiturn)."""
-        return self.fn is not None or rollout.max_turns > 1
+        """Whether episodes run through environments (rlpost.rollout.multiturn) or
+        agents (rlpost.rollout.agents): multi-turn, with the rollout cadence they bring."""
+        return self.fn is not None or self.agent is not None or rollout.max_turns > 1
 
 
 @dataclass
@@ -591,6 +605,21 @@ class RunConfig:
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)  # read by rlpost.data filter only
 
+    def context_tokens(self) -> int | None:
+        """Prompt + completion tokens one sequence may reach: what the vLLM engine is sized
+        for (``max_model_len``) and the gateway's context limit. ``rollout.max_model_len``
+        when set; single-turn runs ``max_prompt_tokens + max_new_tokens``; multi-turn runs
+        (environments, agents) ``max_prompt_tokens + max_total_tokens``, since the turns
+        and observations all sit in one context; None (the model's own context length)
+        for multi-turn without a ``max_total_tokens`` budget, which observations of
+        unknown length could otherwise overrun."""
+        r = self.rollout
+        if r.max_model_len:
+            return r.max_model_len
+        if not self.env.enabled(r):
+            return self.data.max_prompt_tokens + r.max_new_tokens
+        return self.data.max_prompt_tokens + r.max_total_tokens if r.max_total_tokens else None
+
     def check(self) -> None:
         from rlpost.algorithms import make_algorithm
 
@@ -606,6 +635,11 @@ class RunConfig:
                      "the overlong penalty is single-turn only (it measures against rollout.max_new_tokens); "
                      "cap episodes with rollout.max_total_tokens instead")
         _require(bool(self.output_dir), "output_dir", "must be a directory path")
+        if self.rollout.max_model_len:
+            need = self.data.max_prompt_tokens + self.rollout.max_new_tokens
+            _require(self.rollout.max_model_len >= need, "rollout.max_model_len",
+                     f"must hold a longest prompt and one turn: >= data.max_prompt_tokens + rollout.max_new_tokens "
+                     f"= {need}, got {self.rollout.max_model_len} (0 = derived)")
         if self.rollout.colocate:
             _require(self.rollout.engine in ("vllm", "auto"), "rollout.colocate",
                      f"needs the vllm engine (sleep mode, CUDA IPC), got rollout.engine={self.rollout.engine}")

@@ -114,7 +114,7 @@ def make_rollout_engine(cfg: RunConfig, model_path: str, seed: int, device: torc
         from rlpost.engines.vllm_rollout import VLLMRolloutEngine
 
         return VLLMRolloutEngine(model_path, dtype=cfg.model.dtype, seed=seed,
-                                 max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
+                                 max_model_len=cfg.context_tokens(),  # multi-turn: the whole episode's context
                                  kv_cache_gb=cfg.rollout.kv_cache_gb,
                                  gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                                  enforce_eager=cfg.rollout.enforce_eager,

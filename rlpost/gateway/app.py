@@ -8,6 +8,10 @@ blocked on sampling does not stop the event loop from answering other sessions.
 from __future__ import annotations
 
 import hmac
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,7 +31,15 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 
 def build_app(service: GatewayService) -> FastAPI:
-    app = FastAPI(title="rlpost gateway", docs_url=None, redoc_url=None, openapi_url=None)
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Sync handlers share anyio's default thread limiter, 40 threads: with more agents
+        # than that waiting on sampling, the others could not even reach the replica's
+        # batcher, and batches would stay at most 40 requests.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = service.cfg.max_concurrent_requests
+        yield
+
+    app = FastAPI(title="rlpost gateway", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     key = service.cfg.api_key
 
     def authorize(request: Request) -> None:

@@ -27,7 +27,12 @@ class GatewayConfig:
     engine's context); longer requests get a 400. ``model_name``: what ``/v1/models``
     lists (clients must send some ``model``; any value is accepted).
     ``default_max_tokens``: when a chat request sets neither ``max_tokens`` nor
-    ``max_completion_tokens``."""
+    ``max_completion_tokens``. ``temperature`` / ``top_p``: when set, every request
+    samples with them whatever it asks for. Training sets them to the run's
+    ``rollout.temperature``/``top_p`` (the trainer scores tokens at that temperature, and
+    the recorded sampler log-probs must match it) and eval to greedy.
+    ``max_concurrent_requests``: requests handled at once (each holds a server thread
+    while it waits to be sampled); past it they wait for a thread before batching."""
 
     host: str = "127.0.0.1"
     port: int = 0
@@ -35,6 +40,9 @@ class GatewayConfig:
     max_context_tokens: int = 2048
     model_name: str = "rlpost-policy"
     default_max_tokens: int = 256
+    temperature: float | None = None
+    top_p: float | None = None
+    max_concurrent_requests: int = 512
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -46,3 +54,9 @@ class GatewayConfig:
             raise ConfigError(f"gateway max_context_tokens must be >= 2, got {self.max_context_tokens}")
         if self.default_max_tokens < 1:
             raise ConfigError(f"gateway default_max_tokens must be >= 1, got {self.default_max_tokens}")
+        if self.max_concurrent_requests < 1:
+            raise ConfigError(f"gateway max_concurrent_requests must be >= 1, got {self.max_concurrent_requests}")
+        if self.temperature is not None and self.temperature < 0:
+            raise ConfigError(f"gateway temperature must be >= 0 (or None: the request's), got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ConfigError(f"gateway top_p must be in (0, 1] (or None: the request's), got {self.top_p}")

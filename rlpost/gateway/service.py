@@ -2,15 +2,17 @@
 
 Contract. ``chat(session_id, request)`` blocks until the reply is sampled. Requests
 of one session run one at a time (the session's lock) on the session's replica;
-requests of different sessions run concurrently, at most one at a time per replica
-(the replica's lock: the in-process engines are not thread-safe, and a Ray replica
-serves one ``generate`` at a time anyway). Sessions are spread round-robin over
+requests of different sessions run concurrently, at most one ``generate`` at a time per
+replica (the in-process engines are not thread-safe, and a Ray replica serves one call
+at a time anyway): requests that wait for a busy replica are sampled together in its
+next call (``rlpost.gateway.batching``). Sessions are spread round-robin over
 replicas at creation. Each reply is sampled by one policy version, recorded per
 token in the session (``SessionSample.policy_versions``).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 import time
@@ -19,6 +21,7 @@ from collections import Counter
 from typing import Any
 
 from rlpost.envs.chat import ChatRenderer
+from rlpost.gateway.batching import ReplicaBatcher
 from rlpost.gateway.config import GatewayConfig
 from rlpost.gateway.protocol import ChatRequest, CompletionRequest, GatewayError, reply_message
 from rlpost.gateway.session import Session, SessionSample, message_key
@@ -32,7 +35,7 @@ class GatewayService:
         self.renderer = ChatRenderer(tokenizer)
         self.sessions: dict[str, Session] = {}
         self._sessions_lock = threading.Lock()
-        self._replica_locks = [threading.Lock() for _ in range(rollout.size)]
+        self._batchers = [ReplicaBatcher(functools.partial(self._generate_on, r)) for r in range(rollout.size)]
         self._next_replica = itertools.count()
         self.counters: Counter[str] = Counter()  # gateway/* metrics, see docs/gateway.md
 
@@ -71,11 +74,20 @@ class GatewayService:
                                    f"max_tokens = {len(ids) + params.max_new_tokens} tokens, more than the "
                                    f"model's context of {limit}; shorten the conversation or lower max_tokens",
                                    "context_length_exceeded", "messages")
-        with self._replica_locks[replica]:
-            return self.rollout.generate(prompts, params, replica=replica)
+        return self._batchers[replica].generate(prompts, params)
+
+    def _generate_on(self, replica: int, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        return self.rollout.generate(prompts, params, replica=replica)
+
+    def batching(self) -> dict[str, float]:
+        """Generate calls made and requests served so far, over every replica."""
+        calls = sum(b.calls for b in self._batchers)
+        return {"generate_calls": float(calls), "requests_per_call": sum(b.requests for b in self._batchers) / max(calls, 1)}
 
     def _params(self, req: ChatRequest | CompletionRequest, max_new_tokens: int) -> SamplingParams:
-        return SamplingParams(n=req.n, temperature=req.temperature, top_p=req.top_p, max_new_tokens=max_new_tokens,
+        cfg = self.cfg  # a configured temperature/top_p overrides the request's (see GatewayConfig)
+        return SamplingParams(n=req.n, temperature=req.temperature if cfg.temperature is None else cfg.temperature,
+                              top_p=req.top_p if cfg.top_p is None else cfg.top_p, max_new_tokens=max_new_tokens,
                               stop=req.stop_strings(), seed=req.seed)
 
     def chat(self, session_id: str | None, req: ChatRequest) -> dict:

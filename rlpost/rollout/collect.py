@@ -54,7 +54,8 @@ class CollectSettings:
 class Collector:
     """Stages 1-3 of a step. ``rollout``/``rewards``: a ``RolloutGroupLike`` and a
     ``RewardPoolLike`` (``rlpost.groups``); ``episodes``: an ``EpisodeCollector`` for
-    multi-turn runs (``rlpost.rollout.multiturn.make_episode_collector``), else None."""
+    multi-turn runs (``rlpost.rollout.multiturn.make_episode_collector``) or an
+    ``AgentEpisodeCollector`` for ``env.agent`` (``rlpost.rollout.agents``), else None."""
 
     def __init__(self, cfg: CollectSettings, stream: PromptStream, rollout: RolloutGroupLike,
                  rewards: RewardPoolLike, episodes=None, message: Callable[[str], None] = print):

@@ -30,13 +30,14 @@ from rlpost.algorithms.off_policy import correction_of, off_policy_metrics
 from rlpost.algorithms.on_policy import old_logprob_plan
 from rlpost.step.batching import build_train_batch, mini_batches, with_loss_rows
 from rlpost.rollout.collect import Collected, CollectSettings, Collector
-from rlpost.rollout.multiturn import make_episode_collector
+from rlpost.rollout.agents import AgentEpisodeCollector, make_agent_collector
+from rlpost.rollout.multiturn import EpisodeCollector, make_episode_collector
 from rlpost.checkpoint import RNG_FILE, CheckpointManager, ControllerState
 from rlpost.config.schema import RunConfig
 from rlpost.step.critic import CriticStages
 from rlpost.data.stream import PromptStream
 from rlpost.errors import ConfigError, Preempted, TrainingError
-from rlpost.groups import (CriticGroupLike, EnvPoolLike, RewardPoolLike, RolloutGroupLike, TrainerGroupLike,
+from rlpost.groups import (AgentPoolLike, CriticGroupLike, EnvPoolLike, RewardPoolLike, RolloutGroupLike, TrainerGroupLike,
                            WeightSyncLike)
 from rlpost.rollout.evaluation import evaluate
 from rlpost.rollout.overlap import OverlappedRun
@@ -53,12 +54,18 @@ class Controller:
                  rewards: RewardPoolLike, weight_sync: WeightSyncLike, stream: PromptStream,
                  val_samples: list[PromptSample], tracker: Tracker, checkpoints: CheckpointManager,
                  pad_id: int, use_reference: bool, envs: EnvPoolLike | None = None,
-                 critic: CriticGroupLike | None = None, faults=None, perf=None):
+                 critic: CriticGroupLike | None = None, faults=None, perf=None,
+                 agents: AgentPoolLike | None = None):
         self.cfg, self.trainer, self.rollout, self.rewards = cfg, trainer, rollout, rewards
         self.weight_sync = weight_sync
         self.stream, self.val_samples, self.tracker, self.checkpoints = stream, val_samples, tracker, checkpoints
         # envs: multi-turn env pool; messages go to the console line through the tracker
-        episodes = make_episode_collector(cfg, rollout, envs) if cfg.env.enabled(cfg.rollout) else None
+        # agents: env.agent's pool (None: in process); their episodes go through the gateway
+        episodes: EpisodeCollector | AgentEpisodeCollector | None = None
+        if cfg.env.agent is not None:
+            episodes = make_agent_collector(cfg, rollout, rewards, agents)
+        elif cfg.env.enabled(cfg.rollout):
+            episodes = make_episode_collector(cfg, rollout, envs)
         self.collector = Collector(CollectSettings.of(cfg), stream, rollout, rewards, episodes,
                                    message=lambda text: self.tracker.message(text))
         self.pad_id, self.use_reference = pad_id, use_reference

@@ -75,6 +75,20 @@ class TestVLLMRolloutEngine(RolloutEngineContract):
             engine.num_threads = None
             torch.set_num_threads(before)
 
+    def test_multi_turn_runs_size_the_engine_for_the_whole_episode(self, model_dir):
+        """max_model_len from RunConfig.context_tokens: an agent run with 24 prompt tokens,
+        16 per turn and max_total_tokens=150 holds a 150-token conversation (24 + 150 = 174),
+        which the old prompt + one turn sizing (24 + 16 = 40) refused."""
+        from rlpost.config.load import load_config
+        from rlpost.engines import make_rollout_engine
+
+        cfg = load_config(["rollout.engine=vllm", "rollout.kv_cache_gb=0.0625", "data.max_prompt_tokens=24",
+                           "rollout.max_new_tokens=16", "env.agent=my_agent:run", "rollout.max_total_tokens=150"])
+        engine = make_rollout_engine(cfg, model_dir, seed=0)
+        conversation = [3 + i % 16 for i in range(150)]  # the contract tokenizer: ids 3..18 are characters
+        ((reply,),) = engine.generate([conversation], SamplingParams(temperature=0.0, max_new_tokens=16))
+        assert len(reply.token_ids) >= 1 and len(reply.logprobs) == len(reply.token_ids)
+
     def test_tied_embeddings_accept_either_name(self, tmp_path, tokenizer, prompts):
         from safetensors.torch import load_file
 

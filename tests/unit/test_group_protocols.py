@@ -9,8 +9,10 @@ import inspect
 import pytest
 
 from rlpost import groups
+from rlpost.envs.agent import LocalAgentPool
 from rlpost.envs.runner import LocalEnvPool
 from rlpost.local import LocalCriticGroup, LocalRewardPool, LocalRolloutGroup, LocalTrainerGroup, LocalWeightSync
+from rlpost.workers.agent_pool import AgentPool
 from rlpost.workers.colocation import ColocatedWeightSync
 from rlpost.workers.critic_group import CriticGroup
 from rlpost.workers.env_pool import EnvPool
@@ -25,6 +27,7 @@ IMPLEMENTATIONS = {
     groups.RolloutGroupLike: [RolloutGroup, LocalRolloutGroup],
     groups.RewardPoolLike: [RewardPool, LocalRewardPool],
     groups.EnvPoolLike: [EnvPool, LocalEnvPool],
+    groups.AgentPoolLike: [AgentPool, LocalAgentPool],
     groups.WeightSyncLike: [WeightSyncLink, LocalWeightSync, ColocatedWeightSync],
 }
 
