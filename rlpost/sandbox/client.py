@@ -203,8 +203,8 @@ class SandboxSession:
             memory_mb: int = 256) -> RunResult:
         if (code is None) == (bash is None):
             raise ValueError("give exactly one of code (a Python program) or bash (a bash script)")
-        request = RunRequest(bash if code is None else code, stdin, timeout_s, memory_mb,
-                             "bash" if code is None else "python")
+        text, language = (code, "python") if code is not None else (bash or "", "bash")
+        request = RunRequest(text, stdin, timeout_s, memory_mb, language)
         answer = self._call("POST", f"/sessions/{self.id}/run", request.to_json(), 2 * timeout_s + self.client.timeout_s)
         return RunResult.from_json(answer)
 

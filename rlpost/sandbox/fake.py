@@ -23,7 +23,7 @@ class FakeSandboxSession:
             memory_mb: int = 256) -> RunResult:
         if (code is None) == (bash is None):
             raise ValueError("give exactly one of code (a Python program) or bash (a bash script)")
-        language, text = ("python", code) if bash is None else ("bash", bash)
+        language, text = ("python", code or "") if bash is None else ("bash", bash)
         self.calls.append((language, text))
         return self._respond(self.files, language, text)
 

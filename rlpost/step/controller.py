@@ -278,7 +278,7 @@ class Controller:
     def _off_policy_metrics(self, batch: TrainBatch) -> dict:
         """The behaviour-ratio distribution the loss corrected (``off_policy/*``), over the
         whole batch: the loss sees micro-batches, whose maxima do not add up."""
-        if not self.off_policy.enabled or batch.old_logprobs is None:
+        if not self.off_policy.enabled or batch.old_logprobs is None or batch.rollout_logprobs is None:
             return {}
         return off_policy_metrics(self.off_policy, batch.old_logprobs, batch.rollout_logprobs, batch.loss_mask)
 
