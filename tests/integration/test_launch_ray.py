@@ -38,7 +38,9 @@ def ray_head():
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}",
          f"--ray-client-server-port={free_port()}", "--node-ip-address=127.0.0.1",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-         "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+         # Not the default 52365: another Ray instance on the machine (a run beside the tests) may
+         # hold it, and a head whose agent cannot bind refuses every job ("No available agent").
+         f"--dashboard-agent-listen-port={free_port()}", "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=temp_dir,
     )
     address = f"http://127.0.0.1:{dashboard_port}"
