@@ -141,10 +141,14 @@ HOSTILE = {
 
 def load(servers: int, slots: int, clients: int, requests: int, hostile_every: int) -> None:
     """``clients`` threads x ``requests`` through one fleet client; see the module docstring."""
-    procs = [start_local(args=["--max-concurrency", str(slots), "--max-queue", str(clients)]) for _ in range(servers)]
+    # Each server on this host its own uid range (docs/sandbox.md): with one range, a fork
+    # bomb on one server exhausts RLIMIT_NPROC of the uid the other server's slot uses too.
+    procs = [start_local(args=["--max-concurrency", str(slots), "--max-queue", str(clients),
+                               "--base-uid", str(61000 + 1000 * i)]) for i in range(servers)]
     client = SandboxClient([url for _, url in procs], retries=10, backoff_s=0.1)
     kinds = list(HOSTILE)
     records: list[tuple[str, str, float]] = []  # (kind, what happened, latency s)
+    first_wrong: list[str] = []  # what a normal program that failed said (its stderr's tail)
     lock = threading.Lock()
 
     def work(c: int) -> None:
@@ -158,6 +162,9 @@ def load(servers: int, slots: int, clients: int, requests: int, hostile_every: i
                 result = client.run(code, **options)
                 right = result.status == expected and (hostile or result.stdout == "499500\n")
                 outcome = "right" if right else f"wrong:{result.status}"
+                if not right and not hostile:
+                    with lock:
+                        first_wrong.append(f"{result.status}: {result.stderr[-300:]!r}")
             except Exception as e:  # noqa: BLE001 - a SandboxError is an answer too, a wrong one
                 outcome = f"raised:{type(e).__name__}"
             with lock:
@@ -186,6 +193,8 @@ def load(servers: int, slots: int, clients: int, requests: int, hostile_every: i
           f"{len(records)}/{clients * requests} answered in {elapsed:.1f} s ({len(records) / elapsed:.1f} req/s); "
           f"normal: {ok}/{len(normal)} ok, p50 {pct(0.5):.2f} s, p95 {pct(0.95):.2f} s, p99 {pct(0.99):.2f} s; "
           f"wrong answers {wrong or 'none'}; client retries {client.retried}, ejections {client.fleet.ejections}")
+    if first_wrong:
+        print(f"    first failed normal program: {first_wrong[0]}")
 
 
 if __name__ == "__main__":
