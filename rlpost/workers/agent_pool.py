@@ -24,8 +24,8 @@ from rlpost.config.schema import EnvConfig
 from rlpost.envs.agent import AgentResult, AgentRunner, load_agent_fn, resolve_agent_spec
 from rlpost.envs.base import EnvFailure
 from rlpost.faults import FaultCounts
+from rlpost.workers.env_pool import GRACE_S, gather_by_actor
 
-_GRACE_S = 30.0  # on top of env.timeout_s before an unresponsive actor is restarted
 
 
 @ray.remote
@@ -59,25 +59,11 @@ class AgentPool:
         for i in range(len(items)):
             shares.setdefault(i % len(self.actors), []).append(i)
         refs = {a: self.actors[a].run.remote([items[i] for i in idx]) for a, idx in shares.items()}
-        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.timeout_s + _GRACE_S)
-        ready_ids = {r.hex() for r in ready}
-        out: list = [None] * len(items)
-        for a, ref in refs.items():
-            idx = shares[a]
-            if ref.hex() not in ready_ids:
-                self.faults.add("env/actor_failures")
-                ray.kill(self.actors[a], no_restart=False)
-                results = [EnvFailure(f"agent actor {a} did not answer within {self.timeout_s + _GRACE_S:g} s; "
-                                      "restarted")] * len(idx)
-            else:
-                try:
-                    results = ray.get(ref)
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
-                    self.faults.add("env/actor_failures")
-                    results = [EnvFailure(f"lost agent actor {a}: {type(err).__name__}")] * len(idx)
-            for i, res in zip(idx, results):
-                out[i] = res
-        return out
+        deadline = self.timeout_s + GRACE_S
+        return gather_by_actor(
+            self.actors, shares, refs, len(items), deadline, self.faults,
+            late=lambda a: f"agent actor {a} did not answer within {deadline:g} s; restarted",
+            lost=lambda a, err: f"lost agent actor {a}: {type(err).__name__}")
 
     def shutdown(self) -> None:
         for actor in self.actors:

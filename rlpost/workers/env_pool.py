@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 
 import ray
 
@@ -27,7 +28,7 @@ from rlpost.envs.base import EnvFailure, StepResult, Task
 from rlpost.envs.runner import EnvRunner, Opening, load_env_factory, resolve_env_spec
 from rlpost.faults import FaultCounts
 
-_GRACE_S = 30.0  # on top of env.timeout_s before an unresponsive actor is restarted
+GRACE_S = 30.0  # on top of env.timeout_s before an unresponsive actor is restarted
 _RESTART_WAIT_S = 60.0  # how long a reset waits for a restarting actor before its episodes fail
 _LOST = "lost env actor"
 
@@ -105,26 +106,41 @@ class EnvPool:
         for i, (eid, _) in enumerate(items):
             by_actor.setdefault(self.home.get(eid, 0), []).append(i)
         refs = {a: getattr(self.actors[a], method).remote([items[i] for i in idx]) for a, idx in by_actor.items()}
-        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.timeout_s + _GRACE_S)
-        ready_ids = {r.hex() for r in ready}
-        out: list = [None] * len(items)
-        for a, ref in refs.items():
-            idx = by_actor[a]
-            if ref.hex() not in ready_ids:
-                self.faults.add("env/actor_failures")
-                ray.kill(self.actors[a], no_restart=False)
-                results = [EnvFailure(f"{method}: env actor {a} did not answer within "
-                                      f"{self.timeout_s + _GRACE_S:g} s; restarted")] * len(idx)
-            else:
-                try:
-                    results = ray.get(ref)
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
-                    self.faults.add("env/actor_failures")
-                    results = [EnvFailure(f"{_LOST} {a} ({method}): {type(err).__name__}")] * len(idx)
-            for i, res in zip(idx, results):
-                out[i] = res
-        return out
+        deadline = self.timeout_s + GRACE_S
+        return gather_by_actor(
+            self.actors, by_actor, refs, len(items), deadline, self.faults,
+            late=lambda a: f"{method}: env actor {a} did not answer within {deadline:g} s; restarted",
+            lost=lambda a, err: f"{_LOST} {a} ({method}): {type(err).__name__}")
 
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor)
+
+
+def gather_by_actor(actors: list, shares: dict[int, list[int]], refs: dict, count: int, deadline_s: float,
+                    faults: FaultCounts, late: Callable[[int], str],
+                    lost: Callable[[int, BaseException], str]) -> list:
+    """The answers of ``refs`` (actor index -> the ref of one call over the items
+    ``shares[a]``), put back in item order (``count`` items). Waits ``deadline_s`` for all
+    of them; an actor that has not answered by then is killed (Ray restarts it) and one
+    that died is reported: either way its items become ``EnvFailure(late(a))`` /
+    ``EnvFailure(lost(a, err))`` and ``env/actor_failures`` is counted, while the other
+    actors' answers stand (the env pool and the agent pool share this)."""
+    ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=deadline_s)
+    ready_ids = {r.hex() for r in ready}
+    out: list = [None] * count
+    for a, ref in refs.items():
+        idx = shares[a]
+        if ref.hex() not in ready_ids:
+            faults.add("env/actor_failures")
+            ray.kill(actors[a], no_restart=False)
+            results = [EnvFailure(late(a))] * len(idx)
+        else:
+            try:
+                results = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
+                faults.add("env/actor_failures")
+                results = [EnvFailure(lost(a, err))] * len(idx)
+        for i, res in zip(idx, results):
+            out[i] = res
+    return out
