@@ -6,7 +6,6 @@ model; the terminal recipe's episodes each live in a sandbox session)."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,26 +14,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def sandbox_url():
-    if shutil.which("bwrap") is None:  # as tests/integration/test_sandbox.py
-        pytest.skip("bubblewrap (bwrap) not installed: apt-get install bubblewrap")
-    from rlpost.sandbox.server import start_local, stop_local
-
-    proc, url = start_local(0)
-    yield url
-    stop_local(proc)
-
-
-@pytest.fixture()
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-    yield
-    ray.shutdown()
 
 
 def test_a_dying_env_actor_fails_only_its_episodes_and_comes_back(ray_cluster):
