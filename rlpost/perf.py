@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from rlpost.utils.files import write_atomic
+
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, by name fragment.
 GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
@@ -113,10 +115,7 @@ def measure_cpu_peak_cached(cache_dir: Path | None) -> tuple[float, str]:
     if measured > cached.get(key, 0.0):
         cached[key] = measured
         if path:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # several runs may start at once
-            tmp.write_text(json.dumps(cached, indent=1))
-            tmp.replace(path)
+            write_atomic(path, json.dumps(cached, indent=1))  # several runs may start at once
     return cached[key], (f"{cpus} cores x fp32 matmul {cached[key] / cpus / 1e9:.0f} GFLOP/s = "
                          f"{cached[key] / 1e9:.0f} GFLOP/s, the best measured on this CPU "
                          f"({measured / 1e9:.0f} now; {path or 'not cached'})")
@@ -139,10 +138,7 @@ def matmul_params_cached(model_path: str, trust_remote_code: bool, cache_dir: Pa
         cached = {}
     if key not in cached:
         cached[key] = matmul_params(model_path, trust_remote_code)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cached, indent=1))
-        tmp.replace(path)
+        write_atomic(path, json.dumps(cached, indent=1))
     return int(cached[key])
 
 

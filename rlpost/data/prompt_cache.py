@@ -27,13 +27,13 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
 import pickle
 from pathlib import Path
 from typing import Any
 
 from rlpost.config.convert import to_dict
 from rlpost.config.schema import DataConfig
+from rlpost.utils.files import write_atomic
 
 CACHE_VERSION = 1
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
@@ -78,10 +78,5 @@ def load(root: Path, key: str | None) -> Any | None:
 
 
 def save(root: Path, key: str | None, value: Any) -> None:
-    if key is None:
-        return
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f"{key}.{os.getpid()}.tmp"  # several runs may start at once
-    with open(tmp, "wb") as f:
-        pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL)
-    tmp.replace(root / f"{key}.pkl")
+    if key is not None:
+        write_atomic(root / f"{key}.pkl", pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))

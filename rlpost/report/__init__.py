@@ -18,10 +18,9 @@ def write_report(output_dir, out=None, samples_per_step: int = 4, sample_steps: 
     returns the path written."""
     from pathlib import Path
 
+    from rlpost.utils.files import write_atomic
+
     run = load_run(output_dir)
     path = Path(out) if out is not None else Path(output_dir) / "report.html"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render_report(run, samples_per_step, sample_steps), encoding="utf-8")
-    tmp.replace(path)  # a browser refreshing the page never sees half a file
+    write_atomic(path, render_report(run, samples_per_step, sample_steps))  # a refreshing browser never sees half
     return path
