@@ -80,16 +80,21 @@ def main() -> None:
 
         per_thread = args.runs // args.concurrency
         work = lambda: [client.run("print(1)") for _ in range(per_thread)]  # noqa: E731
-        threads = [threading.Thread(target=work) for _ in range(args.concurrency)]
-        start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        elapsed = time.perf_counter() - start
+        elapsed = run_threads([work] * args.concurrency)
         print(f"{args.concurrency} clients: {per_thread * args.concurrency / elapsed:.1f} runs/s, {client.retried} retries")
     finally:
         stop_local(proc)
+
+
+def run_threads(targets) -> float:
+    """Run each of ``targets`` in a thread of its own, all at once; the seconds until the last ends."""
+    threads = [threading.Thread(target=t) for t in targets]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start
 
 
 def plain_burst(n: int, slots: int, queue: int) -> None:
@@ -112,13 +117,7 @@ def plain_burst(n: int, slots: int, queue: int) -> None:
         conn.close()
 
     try:
-        threads = [threading.Thread(target=one) for _ in range(n)]
-        start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        elapsed = time.perf_counter() - start
+        elapsed = run_threads([one] * n)
     finally:
         stop_local(proc)
     by_status = {code: sum(1 for s, _ in answers if s == code) for code in sorted({s for s, _ in answers})}
@@ -170,14 +169,8 @@ def load(servers: int, slots: int, clients: int, requests: int, hostile_every: i
             with lock:
                 records.append((kind, outcome, time.perf_counter() - start))
 
-    threads = [threading.Thread(target=work, args=(c,)) for c in range(clients)]
-    start = time.perf_counter()
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        elapsed = time.perf_counter() - start
+        elapsed = run_threads([lambda c=c: work(c) for c in range(clients)])
     finally:
         for proc, _ in procs:
             stop_local(proc)
