@@ -188,8 +188,12 @@ def test_trainer_rank_killed_mid_run_is_rebuilt_from_the_checkpoint_and_matches(
     run = Run(out)
     try:
         victim = run.pids("trainer rank")[0]
-        run.wait_until(lambda: any(r["step"] == 3 for r in metric_rows(out)), "step 3")
-        os.kill(victim, signal.SIGKILL)  # step 4 is in flight; the checkpoint is step 2
+        # Killed as soon as the step-2 checkpoint is written: steps 3 and 4 both still have
+        # to run (waiting for step 3's row instead let a fast machine finish step 4 and the
+        # final checkpoint inside one poll, leaving nothing to run again).
+        marker = out / "checkpoints" / "latest"
+        run.wait_until(lambda: marker.exists() and marker.read_text().strip() == "step_000002", "the step-2 checkpoint")
+        os.kill(victim, signal.SIGKILL)
     finally:
         rc = run.finish()
     assert rc == 0, run.output[-4000:]

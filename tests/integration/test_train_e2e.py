@@ -86,9 +86,13 @@ def test_sigterm_checkpoints_then_resume_matches_an_uninterrupted_run(tmp_path):
     child = subprocess.Popen([sys.executable, "-m", "rlpost.train", *args, f"output_dir={cut}"], cwd=tmp_path,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        # config.yaml is written after the stop handlers are installed and before the
+        # first step, so the signal always lands before the last step: the run finishes
+        # the step in flight (at least one), checkpoints and exits 75. Waiting for
+        # metrics.jsonl instead let a fast machine finish all three steps first.
         deadline = time.time() + 300
-        while time.time() < deadline and not (cut / "metrics.jsonl").exists():
-            time.sleep(0.2)
+        while time.time() < deadline and not (cut / "config.yaml").exists():
+            time.sleep(0.05)
         child.send_signal(signal.SIGTERM)  # by pid: the run we started
         out, err = child.communicate(timeout=300)
     finally:
