@@ -31,7 +31,6 @@ from rlpost.algorithms.advantages import (
     whiten,
 )
 from rlpost.algorithms.kl import kl_penalty_rewards
-from rlpost.algorithms.off_policy import correction_of
 
 if TYPE_CHECKING:
     from rlpost.config.schema import AlgorithmConfig
@@ -85,12 +84,10 @@ class Algorithm:
         """Why the loss or the advantages read the policy's log-probs from before the
         update, which an exactly on-policy step could otherwise take from the training
         forward (``rlpost.algorithms.on_policy``); None = they do not."""
+        # The off-policy corrections need none: they weigh the trainer's pre-update
+        # log-probs against the sampler's inside the loss, where one mini-batch's training
+        # forward gives exactly those values (detached).
         cfg = self.config
-        if cfg.tis_cap is not None:
-            return "algorithm.tis_cap weighs the trainer's pre-update log-probs against the sampler's"
-        if correction_of(cfg).enabled:
-            return (f"algorithm.off_policy.correction={cfg.off_policy.correction} weighs the trainer's "
-                    "pre-update log-probs against the sampler's")
         if cfg.kl_in_reward and cfg.kl_coef > 0:
             # The summed-KL penalty, REINFORCE++'s per-token returns and PPO's token
             # rewards all read the sampling policy's log-probs before the update.

@@ -3,7 +3,8 @@ pure tensor functions, ``[B, T]`` in and out.
 
 The rollout engine samples from ``pi_rollout``: other kernels and dtypes than the
 trainer's, and in ``trainer.mode=one_step_off|async`` an older policy version. PPO's
-"old" policy (``old_logprobs``, the trainer's pass before the update) is therefore not
+"old" policy (``old_logprobs``, the trainer's log-probs before the update: a separate
+pass, or one mini-batch's training forward detached) is therefore not
 the policy that sampled, and the gradient is biased unless each token is reweighted by
 the behaviour ratio ``rho_it = pi_old(o_it) / pi_rollout(o_it)``, where
 ``rollout_logprobs`` are the sampler's log-probs recorded at sampling time.

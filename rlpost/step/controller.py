@@ -151,8 +151,9 @@ class Controller:
     def train_on(self, step: int, collected: Collected, timer: Timer, t0: float) -> dict:
         """Stages 4-7 of step ``step`` on ``collected``; returns the step's metrics
         (``timing/step_s`` counted from ``t0``). The samples may come from an older policy
-        version (``rlpost.rollout.overlap``): old log-probs are then recomputed here (a separate
-        pass), as whenever the update is not exactly on-policy (``self.old_logprobs``)."""
+        version (``rlpost.rollout.overlap``). The trainer's pre-update log-probs come from a
+        separate pass only where ``self.old_logprobs`` says a value is needed before the
+        update; with one mini-batch and one epoch the training forward gives them."""
         trajectories, rewards, valid = collected.trajectories, collected.rewards, collected.valid
         self.tracker.log_samples(step, trajectory_rows(trajectories, limit=4))
         batch = build_train_batch(trajectories, self.pad_id)
@@ -199,7 +200,7 @@ class Controller:
             "perf/old_logprob_pass": float(self.old_logprobs.separate_pass),
             **collected.metrics,
             **kl_metrics,
-            **self._off_policy_metrics(batch),
+            **self._off_policy_metrics(batch, trainer_logprobs),
             **train_metrics,
             **critic_metrics,
             **timer,
@@ -275,12 +276,14 @@ class Controller:
         out["policy/updates"] = float(updates)
         return out, logprobs
 
-    def _off_policy_metrics(self, batch: TrainBatch) -> dict:
+    def _off_policy_metrics(self, batch: TrainBatch, trainer_logprobs: torch.Tensor | None) -> dict:
         """The behaviour-ratio distribution the loss corrected (``off_policy/*``), over the
-        whole batch: the loss sees micro-batches, whose maxima do not add up."""
-        if not self.off_policy.enabled or batch.old_logprobs is None or batch.rollout_logprobs is None:
+        whole batch: the loss sees micro-batches, whose maxima do not add up.
+        ``trainer_logprobs``: the trainer's before the update (the pass's, or the
+        training forward's when it was skipped)."""
+        if not self.off_policy.enabled or trainer_logprobs is None or batch.rollout_logprobs is None:
             return {}
-        return off_policy_metrics(self.off_policy, batch.old_logprobs, batch.rollout_logprobs, batch.loss_mask)
+        return off_policy_metrics(self.off_policy, trainer_logprobs, batch.rollout_logprobs, batch.loss_mask)
 
     def _rollout_metrics(self, trajectories, valid, timer, batch, trainer_logprobs) -> dict:
         lengths = torch.tensor([len(t.completion.token_ids) for t in trajectories], dtype=torch.float32)

@@ -64,6 +64,7 @@ def test_each_correction_trains_two_one_step_off_steps(correction, share, proces
     for r in rows:
         assert r["policy/updates"] == 1 and r["policy/skipped"] == 0 and math.isfinite(r["policy/loss"])
         assert 0 < r["off_policy/ratio_min"] <= r["off_policy/ratio_mean"] <= r["off_policy/ratio_max"]
-        assert 0 <= r[share] <= 1 and r["perf/old_logprob_pass"] == 1.0
+        # One mini-batch: the trainer's pre-update log-probs are the training forward's.
+        assert 0 <= r[share] <= 1 and r["perf/old_logprob_pass"] == 0.0
     # Step 2's samples come from version 0 and its pi_old is version 1: the ratios spread.
     assert rows[1]["off_policy/ratio_max"] - rows[1]["off_policy/ratio_min"] > 1e-4

@@ -27,6 +27,7 @@ from rlpost.algorithms import (
     policy_loss_fn,
 )
 from rlpost.algorithms.off_policy import correction_of
+from rlpost.algorithms.on_policy import old_logprob_plan
 from rlpost.config.load import load_config
 from rlpost.engines.base import ModelOutput
 from rlpost.errors import ConfigError
@@ -135,6 +136,21 @@ def test_loss_and_gradient_are_weighed_only_at_kept_loss_tokens(kind, bounds, we
     assert "policy/tis_ratio_mean" in metrics if kind == "token_tis" else "policy/tis_ratio_mean" not in metrics
 
 
+@pytest.mark.parametrize("kind", ["token_tis", "token_mask", "seq_tis", "seq_mask"])
+def test_a_skipped_pass_weighs_like_the_pass(kind):
+    # old_logprobs from a pass on the weights being trained (== this forward's values)
+    # and old_logprobs=None (this forward, detached): same loss, gradient and metrics.
+    spec = PolicyLossSpec(off_policy=OffPolicyCorrection(kind, cap=1.5, low=0.5, high=2.0))
+    results = []
+    for old in (OLD.clone(), None):
+        logp = OLD.clone().requires_grad_()
+        loss, metrics = policy_loss_fn(spec, ModelOutput(logp, None), _batch(old))
+        loss.backward()
+        results.append((loss.item(), logp.grad, metrics))
+    (loss_a, grad_a, m_a), (loss_b, grad_b, m_b) = results
+    assert loss_a == loss_b and torch.equal(grad_a, grad_b) and m_a == m_b
+
+
 def test_tis_cap_is_token_tis():
     # The older key gives the same loss as the new spelling, and the same metrics under the old names.
     out = ModelOutput(OLD.clone(), None)
@@ -150,7 +166,10 @@ def test_config_keys_reach_the_loss_and_the_old_logprob_plan():
                        "algorithm.off_policy.high=5"])
     spec = make_policy_loss_fn(cfg.algorithm).args[0]
     assert spec.off_policy == OffPolicyCorrection("token_mask", cap=2.0, low=0.5, high=5.0) and spec.tis_cap is None
-    assert "off_policy.correction=token_mask" in make_algorithm(cfg.algorithm).old_logprobs_reason()
+    # No separate old-log-prob pass for it: with one mini-batch the loss weighs the training
+    # forward's detached log-probs, the values the pass would give (next test).
+    assert make_algorithm(cfg.algorithm).old_logprobs_reason() is None
+    assert not old_logprob_plan(cfg.algorithm, load_config(["trainer.mode=async"]).trainer).separate_pass
     assert correction_of(load_config(["algorithm.tis_cap=3"]).algorithm) == OffPolicyCorrection("token_tis", cap=3.0)
     assert not correction_of(load_config([]).algorithm).enabled
     assert make_algorithm(load_config([]).algorithm).old_logprobs_reason() is None

@@ -45,12 +45,16 @@ def test_old_none_means_detached_current_same_loss_and_gradient(policy_loss, exp
 
 @pytest.mark.parametrize("overrides, separate", [
     ([], False),
-    (["trainer.mode=one_step_off"], True),
-    (["trainer.mode=async"], True),
+    # Overlapped schedules: the pass would run on the weights the training forward runs
+    # on; the older sampler's log-probs are rollout_logprobs, which the corrections use.
+    (["trainer.mode=one_step_off"], False),
+    (["trainer.mode=async"], False),
+    (["trainer.mode=async", "algorithm.off_policy.correction=token_mask"], False),
+    (["trainer.mode=async", "trainer.mini_batches=2"], True),
     (["trainer.mini_batches=2"], True),
     (["trainer.epochs=2"], True),
-    (["algorithm.tis_cap=2"], True),
-    (["algorithm.off_policy.correction=seq_mask"], True),
+    (["algorithm.tis_cap=2"], False),
+    (["algorithm.off_policy.correction=seq_mask"], False),
     (["algorithm.kl_in_reward=true", "algorithm.kl_coef=0.01"], True),
     (["algorithm.kl_in_reward=true", "algorithm.kl_coef=0"], False),  # no reference, nothing shaped
     (["algorithm.kl_coef=0.01"], False),  # KL as a loss term needs the reference, not old log-probs
@@ -93,7 +97,8 @@ def _controller(tmp_path: Path, *overrides: str):
     (["trainer.mini_batches=1"], 0),
     (["trainer.mini_batches=2"], 2),
     (["trainer.mini_batches=1", "trainer.epochs=2"], 2),
-    (["trainer.mini_batches=1", "algorithm.tis_cap=2"], 2),
+    (["trainer.mini_batches=1", "algorithm.tis_cap=2"], 0),
+    (["trainer.mini_batches=1", "algorithm.kl_in_reward=true", "algorithm.kl_coef=0.01"], 2),
 ])
 def test_controller_runs_the_pass_only_when_needed(tmp_path, overrides, passes):
     controller = _controller(tmp_path, *overrides)
