@@ -136,7 +136,7 @@ class RolloutConfig:
     top_k: int = -1
     max_new_tokens: int = 64
     stop: list[str] = field(default_factory=list)
-    batch_size: int = 64  # sequences one engine call generates at once (hf)
+    batch_size: int = 256  # sequences one engine call generates at once (hf)
     threads: int = 0  # math threads per replica; 0 = auto (rlpost.threads: the free cores in sync mode)
     # vllm only:
     kv_cache_gb: float = 1.0  # KV cache size per replica; 0 = from gpu_memory_utilization (GPU)
