@@ -98,6 +98,12 @@ class RolloutActor:
 
     @ray.method(concurrency_group="weights")
     def receive_weights(self, plan, version: int) -> int:
+        # One OpenMP thread in this thread: with more, its copies start a second OpenMP
+        # team beside generate's, and once the process's OpenMP threads outnumber the
+        # cores libgomp stops spin-waiting between parallel regions, which made every
+        # later generate of a small model 1.6x slower on 2 cores (a copy needs no team;
+        # the thread count is per calling thread, so generate's stays as it is).
+        torch.set_num_threads(1)
         self.engine.update_weights(self.receiver.receive(plan, version), version)
         return self.engine.policy_version
 
